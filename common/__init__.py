@@ -1,0 +1,1 @@
+"""Code shared by every role: data, DBN math, parameter layout, RMA protocol."""

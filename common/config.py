@@ -1,0 +1,198 @@
+"""Job configuration: one TOML file holds the architecture and every hyper-parameter.
+
+Unknown sections or keys, wrong types and out-of-range values are rejected
+with one line naming the key (`ConfigError`), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbnps.common.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    sizes: list[int] = field(default_factory=lambda: [784, 500, 500, 2000])
+    classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # empty: --data-dir, then $DBNPS_DATA, then the vendored copy
+    train_subset: int = 0  # 0: all 60 000 training images
+    test_subset: int = 0  # 0: all 10 000 test images
+
+
+@dataclass
+class PretrainConfig:
+    epochs: float = 10.0  # per RBM layer
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum_start: float = 0.5
+    momentum_final: float = 0.9
+    momentum_switch_epoch: float = 5.0
+    weight_decay: float = 0.0002
+    cd_k: int = 1
+    persistent: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 50.0
+    batch_size: int = 100
+    lr: float = 0.1
+    lr_decay: float = 1.0  # lr multiplied by this each epoch
+    momentum_start: float = 0.5
+    momentum_final: float = 0.9
+    momentum_switch_epoch: float = 5.0
+    weight_decay: float = 0.0
+    dropout: float = 0.0  # hidden-unit drop probability
+    input_dropout: float = 0.0
+    warmup_epochs: float = 0.0  # softmax-only epochs before the whole stack
+
+
+@dataclass
+class PSConfig:
+    update_rule: str = "momentum"  # sgd | momentum | adagrad
+    n_fetch: int = 1  # pull every n_fetch steps
+    n_push: int = 1  # push the sum of n_push gradients
+    staleness_bound: int = 0  # tau; 0: unbounded. A push staler than tau is dropped
+    sync: bool = False  # wait for each push to be applied before the next pull (exactness)
+    adagrad_eps: float = 1e-6
+    step_timeout_s: float = 120.0  # every wait on the server gives up after this
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    eval_every_epochs: float = 1.0  # fine-tune test evaluation period
+    max_steps: int = 0  # 0: no limit; else stop each worker after this many steps (tests)
+    log_every_s: float = 5.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+UPDATE_RULES = ("sgd", "momentum", "adagrad")
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"[{section}] {key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return list(value)
+    raise AssertionError(f"unhandled default type for {where}")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (e.g. parsed TOML)."""
+    cfg = Config()
+    for section, values in raw.items():
+        if not hasattr(cfg, section):
+            known = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise ConfigError(f"unknown config section [{section}] (known: {known})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        target = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(
+                    f"unknown config key [{section}] {key} (known: {', '.join(sorted(names))})"
+                )
+            setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    _check(len(m.sizes) >= 2, f"[model] sizes needs an input and >= 1 hidden layer, got {m.sizes}")
+    _check(all(s >= 1 for s in m.sizes), f"[model] sizes must be positive, got {m.sizes}")
+    _check(m.sizes[0] == 784, f"[model] sizes[0] must be 784 (28x28 MNIST pixels), got {m.sizes[0]}")
+    _check(m.classes == 10, f"[model] classes must be 10 for MNIST, got {m.classes}")
+    _check(cfg.data.train_subset >= 0, "[data] train_subset must be >= 0")
+    _check(cfg.data.test_subset >= 0, "[data] test_subset must be >= 0")
+    for name in ("pretrain", "finetune"):
+        s = getattr(cfg, name)
+        _check(s.epochs >= 0, f"[{name}] epochs must be >= 0, got {s.epochs}")
+        _check(s.batch_size >= 1, f"[{name}] batch_size must be >= 1, got {s.batch_size}")
+        _check(s.lr > 0, f"[{name}] lr must be > 0, got {s.lr}")
+        for key in ("momentum_start", "momentum_final"):
+            v = getattr(s, key)
+            _check(0 <= v < 1, f"[{name}] {key} must be in [0, 1), got {v}")
+        _check(s.momentum_switch_epoch >= 0, f"[{name}] momentum_switch_epoch must be >= 0")
+        _check(s.weight_decay >= 0, f"[{name}] weight_decay must be >= 0, got {s.weight_decay}")
+    _check(cfg.pretrain.cd_k >= 1, f"[pretrain] cd_k must be >= 1, got {cfg.pretrain.cd_k}")
+    f = cfg.finetune
+    _check(0 < f.lr_decay <= 1, f"[finetune] lr_decay must be in (0, 1], got {f.lr_decay}")
+    _check(0 <= f.dropout < 1, f"[finetune] dropout must be in [0, 1), got {f.dropout}")
+    _check(0 <= f.input_dropout < 1, f"[finetune] input_dropout must be in [0, 1), got {f.input_dropout}")
+    _check(f.warmup_epochs >= 0, f"[finetune] warmup_epochs must be >= 0, got {f.warmup_epochs}")
+    p = cfg.ps
+    _check(p.update_rule in UPDATE_RULES, f"[ps] update_rule must be one of {', '.join(UPDATE_RULES)}, got {p.update_rule!r}")
+    _check(p.n_fetch >= 1, f"[ps] n_fetch must be >= 1, got {p.n_fetch}")
+    _check(p.n_push >= 1, f"[ps] n_push must be >= 1, got {p.n_push}")
+    _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
+    _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
+    _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")
+    _check(cfg.run.eval_every_epochs > 0, "[run] eval_every_epochs must be > 0")
+    _check(cfg.run.max_steps >= 0, "[run] max_steps must be >= 0")
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML config; None gives the defaults (the full 784-500-500-2000-10 recipe)."""
+    if path is None:
+        return from_dict({})
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    return from_dict(raw)

@@ -1,0 +1,34 @@
+"""Learning-rate and momentum as functions of the phase and of epochs into it.
+
+Shared by the single-process trainer and the parameter server so both follow
+the same recipe: momentum `momentum_start` until `momentum_switch_epoch`, then
+`momentum_final` (Hinton 2006/2010: 0.5 -> 0.9); fine-tuning lr decays by
+`lr_decay` per epoch.
+"""
+
+from __future__ import annotations
+
+from dbnps.common.config import Config
+
+
+def hyper(cfg: Config, phase: int, n_layers: int, epoch: float) -> tuple[float, float]:
+    """(lr, momentum) for `phase` at `epoch` (float, epochs completed in the phase)."""
+    s = cfg.pretrain if phase < n_layers else cfg.finetune
+    momentum = s.momentum_start if epoch < s.momentum_switch_epoch else s.momentum_final
+    lr = s.lr
+    if phase >= n_layers:
+        lr = s.lr * (cfg.finetune.lr_decay ** int(epoch))
+    return lr, momentum
+
+
+def phase_epochs(cfg: Config, phase: int, n_layers: int) -> float:
+    """Length of `phase` in epochs (passes over the training set, all workers together)."""
+    if phase < n_layers:
+        return cfg.pretrain.epochs
+    if phase == n_layers:
+        return cfg.finetune.epochs
+    return 0.0
+
+
+def batch_size(cfg: Config, phase: int, n_layers: int) -> int:
+    return cfg.pretrain.batch_size if phase < n_layers else cfg.finetune.batch_size
