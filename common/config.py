@@ -151,7 +151,9 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     _check(len(m.sizes) >= 2, f"[model] sizes needs an input and >= 1 hidden layer, got {m.sizes}")
     _check(all(s >= 1 for s in m.sizes), f"[model] sizes must be positive, got {m.sizes}")
-    _check(m.sizes[0] == 784, f"[model] sizes[0] must be 784 (28x28 MNIST pixels), got {m.sizes[0]}")
+    _check(
+        m.sizes[0] == 784, f"[model] sizes[0] must be 784 (28x28 MNIST pixels), got {m.sizes[0]}"
+    )
     _check(m.classes == 10, f"[model] classes must be 10 for MNIST, got {m.classes}")
     _check(cfg.data.train_subset >= 0, "[data] train_subset must be >= 0")
     _check(cfg.data.test_subset >= 0, "[data] test_subset must be >= 0")
@@ -169,10 +171,16 @@ def validate(cfg: Config) -> None:
     f = cfg.finetune
     _check(0 < f.lr_decay <= 1, f"[finetune] lr_decay must be in (0, 1], got {f.lr_decay}")
     _check(0 <= f.dropout < 1, f"[finetune] dropout must be in [0, 1), got {f.dropout}")
-    _check(0 <= f.input_dropout < 1, f"[finetune] input_dropout must be in [0, 1), got {f.input_dropout}")
+    _check(
+        0 <= f.input_dropout < 1,
+        f"[finetune] input_dropout must be in [0, 1), got {f.input_dropout}",
+    )
     _check(f.warmup_epochs >= 0, f"[finetune] warmup_epochs must be >= 0, got {f.warmup_epochs}")
     p = cfg.ps
-    _check(p.update_rule in UPDATE_RULES, f"[ps] update_rule must be one of {', '.join(UPDATE_RULES)}, got {p.update_rule!r}")
+    _check(
+        p.update_rule in UPDATE_RULES,
+        f"[ps] update_rule must be one of {', '.join(UPDATE_RULES)}, got {p.update_rule!r}",
+    )
     _check(p.n_fetch >= 1, f"[ps] n_fetch must be >= 1, got {p.n_fetch}")
     _check(p.n_push >= 1, f"[ps] n_push must be >= 1, got {p.n_push}")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")

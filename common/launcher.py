@@ -28,7 +28,9 @@ def mpiexec_path() -> str:
     return found
 
 
-def mpi_env(base: Mapping[str, str] | None = None, *, fault_tolerant: bool = False) -> dict[str, str]:
+def mpi_env(
+    base: Mapping[str, str] | None = None, *, fault_tolerant: bool = False
+) -> dict[str, str]:
     """Environment for mpiexec and its ranks.
 
     - `OMPI_MCA_osc=^ucx`: the UCX one-sided component prints a harmless error
