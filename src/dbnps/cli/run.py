@@ -1,3 +1,82 @@
-"""Placeholder: filled in by its issue."""
+"""`psctl run`: a training job in the foreground (mpiexec -n S server : -n K worker)."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from dbnps.common.config import load
+from dbnps.common.errors import UserError
+from dbnps.common.job import layout_of
+from dbnps.common.launcher import mpi_env, mpmd_argv
+from dbnps.common.mnist import resolve_data_dir
+
+
+def job_argv(
+    config: Path | None,
+    workers: int,
+    servers: int,
+    data_dir: Path,
+    run_dir: Path,
+    extra_worker_args: tuple[str, ...] = (),
+) -> list[str]:
+    common = ["--data-dir", str(data_dir)]
+    if config is not None:
+        common += ["--config", str(config)]
+    server_args = [
+        *common,
+        "--out",
+        str(run_dir / "model.npz"),
+        "--summary",
+        str(run_dir / "summary.json"),
+    ]
+    return mpmd_argv(servers, workers, server_args, [*common, *extra_worker_args])
+
+
+@click.command("run")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML job config (default: the full 784-500-500-2000-10 recipe)",
+)
+@click.option("--workers", "-k", type=int, default=2, show_default=True)
+@click.option("--servers", "-s", type=int, default=1, show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="where the model and summary go (default: runs/<timestamp>)",
+)
+def run_cmd(config, workers, servers, data_dir, run_dir) -> None:
+    """Run a distributed training job in the foreground and print its final accuracy."""
+    cfg = load(config)  # a bad config fails here, once, not in every rank
+    layout_of(cfg)
+    data = resolve_data_dir(data_dir or cfg.data.dir or None)
+    if workers < 1 or servers < 1:
+        raise UserError("--workers and --servers must be >= 1")
+    run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = job_argv(config, workers, servers, data, run_dir)
+    click.echo(f"psctl: {servers} server + {workers} workers, run dir {run_dir}", err=True)
+    t0 = time.time()
+    rc = subprocess.call(argv, env=mpi_env())
+    if rc != 0:
+        raise UserError(f"training job failed (mpiexec exit status {rc}); see the output above")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    click.echo(
+        f"psctl: done in {time.time() - t0:.1f}s: test accuracy {summary['test_accuracy']:.4f}, "
+        f"{summary['applied']} updates applied, {sum(summary['rejected'].values())} rejected; "
+        f"model {run_dir / 'model.npz'}"
+    )
+    sys.stdout.flush()
+
+
+COMMANDS = [run_cmd]

@@ -1,0 +1,443 @@
+"""The parameter-server protocol over MPI one-sided communication (RMA).
+
+Everything that crosses a process boundary on the training path is in this
+module: three windows per server rank, made with `MPI.Win.Allocate` (the
+shared-memory `osc/sm` path; `Win.Create` on numpy memory was measured 100x
+slower and stalls, see docs/architecture.md).  Workers allocate zero bytes.
+
+The API has ps-lite's shape.  Worker side (`PSClient`): `pull`, `push`,
+`wait`, plus `report` for the stats row.  Server side (`PSServer`): `poll`
+returns the pending pushes, the server's update rule (the pluggable request
+handle, see `dbnps.server.server`) applies them, `ack` completes them.
+
+Window layout on server rank s, which owns the flat-vector shard [base_s, base_s + n_s)
+(K workers, worker w = world rank S + w)::
+
+  pwin  (disp_unit 1, bytes)                         writers: server s only
+  +---------+-------+---------+------+-----------------------------------+
+  | VERSION | PHASE | SAMPLES | STOP | params float32[n_s]               |
+  +---------+-------+---------+------+-----------------------------------+
+   int64 x 4 (32 bytes; PHASE/SAMPLES/STOP authoritative on rank 0)
+
+  swin  (disp_unit 4, float32)                       writer of slot w: worker w
+  +----------------+----------------+-----+------------------+
+  | slot 0 [n_s]   | slot 1 [n_s]   | ... | slot K-1 [n_s]   |   pushed gradients
+  +----------------+----------------+-----+------------------+
+
+  cwin  (disp_unit 8)
+  +-----------------------------------------+----------------------------------------+
+  | mailbox[K][8] int64                     | stats[K][8] float64 (rank 0 only)      |
+  | PUSH_SEQ ACK_SEQ PULLED N_SAMPLES       | STEPS SAMPLES LOSS HEARTBEAT           |
+  | PHASE RESULT LO HI                      | RATE PUSHES PULLS STATE                |
+  +-----------------------------------------+----------------------------------------+
+
+Consistency rules (MPI-4.1 §12.7; ../shared/ARCHITECTURE.md):
+
+* Parameters: the server updates its shard and the header under
+  `pwin.Lock(self, EXCLUSIVE)`; a worker's pull is one `pwin.Lock(s, SHARED)`
+  epoch holding a Get of the header and a Get of the parameters, so a pull
+  never sees a half-applied update and the version it reads is exactly the
+  version of the values it reads.
+* Push: worker w writes only slot w and only when its slot is free
+  (ACK_SEQ == PUSH_SEQ).  It Puts the gradient (epoch closed: complete at the
+  target), then atomically writes the metadata words, flushes, and atomically
+  bumps PUSH_SEQ.  The server reads mailbox words with Get_accumulate(NO_OP),
+  reads slot w only after seeing PUSH_SEQ > ACK_SEQ, and releases it by an
+  atomic Accumulate(REPLACE) of ACK_SEQ.  Every mailbox word is accessed only
+  with accumulate operations, so concurrent reads and writes are defined.
+* Stats rows are written with Accumulate(REPLACE) and read with
+  Get_accumulate(NO_OP): element-wise atomic, never torn words.
+
+mpi4py does not keep origin/result buffers alive until the epoch closes, so
+every buffer passed to an RMA call is held in a variable (usually a
+preallocated attribute) until Unlock.  All buffers are float32 / int64 /
+float64 exactly as the window expects; dtypes are checked at this boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+# -- layout constants -------------------------------------------------------
+HDR_WORDS = 4
+HDR_BYTES = 8 * HDR_WORDS
+VERSION, PHASE, SAMPLES, STOP = range(HDR_WORDS)
+
+MB_WORDS = 8
+PUSH_SEQ, ACK_SEQ, PULLED, N_SAMPLES, MB_PHASE, RESULT, LO, HI = range(MB_WORDS)
+
+ST_WORDS = 8
+STEPS, ST_SAMPLES, LOSS, HEARTBEAT, RATE, PUSHES, PULLS, STATE = range(ST_WORDS)
+STATE_RUNNING, STATE_DONE = 1.0, 2.0
+
+# RESULT codes written by the server for each push.
+APPLIED, REJECTED_NONFINITE, REJECTED_STALE, REJECTED_PHASE = 1, 2, 3, 4
+RESULT_NAMES = {
+    APPLIED: "applied",
+    REJECTED_NONFINITE: "nonfinite",
+    REJECTED_STALE: "stale",
+    REJECTED_PHASE: "phase",
+}
+
+
+class PSTimeout(RuntimeError):
+    """A wait on the other side of the protocol exceeded its timeout."""
+
+
+def shard_bounds(size: int, n_servers: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal [lo, hi) shards of the flat vector, one per server."""
+    edges = np.linspace(0, size, n_servers + 1).round().astype(np.int64)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(n_servers)]
+
+
+@dataclass
+class Topology:
+    """Who is who in COMM_WORLD: servers are ranks 0..S-1, workers S..S+K-1."""
+
+    comm: MPI.Intracomm
+    n_servers: int
+    n_workers: int
+    rank: int
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank < self.n_servers
+
+    @property
+    def worker_index(self) -> int:
+        return self.rank - self.n_servers
+
+    @classmethod
+    def discover(cls, role: str, comm: MPI.Intracomm | None = None) -> Topology:
+        """Collective: every rank states its role; servers must come first (MPMD order)."""
+        comm = comm or MPI.COMM_WORLD
+        roles = comm.allgather(role)
+        n_servers = roles.count("server")
+        if roles[:n_servers] != ["server"] * n_servers or n_servers == 0:
+            raise RuntimeError(f"servers must be ranks 0..S-1 and S >= 1, got roles {roles}")
+        return cls(comm, n_servers, len(roles) - n_servers, comm.Get_rank())
+
+
+class Windows:
+    """The three RMA windows of a job (collective creation and destruction)."""
+
+    def __init__(self, topo: Topology, size: int):
+        self.topo = topo
+        self.size = size
+        self.bounds = shard_bounds(size, topo.n_servers)
+        K = topo.n_workers
+        n_s = self.bounds[topo.rank][1] - self.bounds[topo.rank][0] if topo.is_server else 0
+        server = topo.is_server
+        self.n_s = n_s
+        comm = topo.comm
+        self.pwin = MPI.Win.Allocate(HDR_BYTES + 4 * n_s if server else 0, 1, comm=comm)
+        self.swin = MPI.Win.Allocate(4 * K * n_s if server else 0, 4, comm=comm)
+        self.cwin = MPI.Win.Allocate(8 * 2 * K * MB_WORDS if server else 0, 8, comm=comm)
+
+    def free(self) -> None:
+        for w in (self.pwin, self.swin, self.cwin):
+            w.Free()
+
+
+# -- worker side ------------------------------------------------------------
+@dataclass
+class PullInfo:
+    versions: np.ndarray  # int64[S]: version of each shard pulled
+    phase: int
+    samples: int  # samples applied so far in the phase (rank 0)
+    stop: bool
+
+
+class PSClient:
+    """Worker-side endpoint: pull parameters, push gradients, wait for acks."""
+
+    def __init__(self, win: Windows, *, timeout_s: float = 120.0):
+        self.w = win
+        self.topo = win.topo
+        self.me = self.topo.worker_index
+        self.timeout_s = timeout_s
+        S = self.topo.n_servers
+        self.seq = 0  # pushes issued by this worker (same on every server)
+        self.versions = np.zeros(S, dtype=np.int64)
+        self._hdr = np.zeros(HDR_WORDS, dtype=np.int64)
+        self._meta = np.zeros(MB_WORDS - PULLED, dtype=np.int64)  # words PULLED..HI
+        self._seq_buf = np.zeros(1, dtype=np.int64)
+        self._one = np.zeros(1, dtype=np.int64)
+        self._ack = np.zeros(1, dtype=np.int64)
+        self._stats = np.zeros(ST_WORDS, dtype=np.float64)
+        self.bytes_pulled = 0
+        self.bytes_pushed = 0
+
+    def _parts(self, lo: int, hi: int):
+        """(server, a, b) for every server shard intersecting [lo, hi)."""
+        for s, (blo, bhi) in enumerate(self.w.bounds):
+            a, b = max(lo, blo), min(hi, bhi)
+            yield s, a, b, blo
+
+    def header(self, server: int = 0) -> np.ndarray:
+        """The header words of `server` (VERSION, PHASE, SAMPLES, STOP)."""
+        pwin, hdr = self.w.pwin, self._hdr
+        pwin.Lock(server, MPI.LOCK_SHARED)
+        pwin.Get([hdr, MPI.INT64_T], server, (0, HDR_WORDS, MPI.INT64_T))
+        pwin.Unlock(server)
+        return hdr.copy()
+
+    def pull(self, out: np.ndarray, lo: int, hi: int) -> PullInfo:
+        """Copy parameters [lo, hi) into out[lo:hi]; one consistent snapshot per shard."""
+        _check(out, np.float32, self.w.size)
+        pwin, hdr = self.w.pwin, self._hdr
+        phase = samples = stop = 0
+        for s, a, b, blo in self._parts(lo, hi):
+            pwin.Lock(s, MPI.LOCK_SHARED)
+            pwin.Get([hdr, MPI.INT64_T], s, (0, HDR_WORDS, MPI.INT64_T))
+            if b > a:
+                view = out[a:b]
+                pwin.Get([view, MPI.FLOAT], s, (HDR_BYTES + 4 * (a - blo), b - a, MPI.FLOAT))
+            pwin.Unlock(s)
+            self.versions[s] = hdr[VERSION]
+            self.bytes_pulled += 4 * max(b - a, 0)
+            if s == 0:
+                phase, samples, stop = int(hdr[PHASE]), int(hdr[SAMPLES]), bool(hdr[STOP])
+        return PullInfo(self.versions.copy(), phase, samples, stop)
+
+    def acked(self, server: int) -> int:
+        """ACK_SEQ of this worker's mailbox on `server` (atomic read)."""
+        cwin = self.w.cwin
+        cwin.Lock(server, MPI.LOCK_SHARED)
+        cwin.Fetch_and_op(
+            [self._one, MPI.INT64_T],
+            [self._ack, MPI.INT64_T],
+            server,
+            self.me * MB_WORDS + ACK_SEQ,
+            MPI.NO_OP,
+        )
+        cwin.Unlock(server)
+        return int(self._ack[0])
+
+    def wait(self, ts: int | None = None) -> None:
+        """Block until every server has consumed push number `ts` (default: the last)."""
+        ts = self.seq if ts is None else ts
+        deadline = time.monotonic() + self.timeout_s
+        pause = 2e-5
+        for s in range(self.topo.n_servers):
+            while self.acked(s) < ts:
+                if time.monotonic() > deadline:
+                    raise PSTimeout(
+                        f"worker {self.me}: server rank {s} did not take push {ts} "
+                        f"within {self.timeout_s:.0f}s (is the server alive?)"
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+
+    def push(self, grad: np.ndarray, lo: int, hi: int, *, n_samples: int, phase: int) -> int:
+        """Push grad[lo:hi] (pulled at `self.versions`) to every shard; returns its timestamp.
+
+        Waits first for this worker's previous push to be taken (one slot per
+        worker and server: natural back-pressure when the server falls behind).
+        """
+        _check(grad, np.float32, self.w.size)
+        self.wait(self.seq)
+        seq = self.seq + 1
+        swin, cwin = self.w.swin, self.w.cwin
+        n_s_all = [b - a for a, b in self.w.bounds]
+        meta, seq_buf = self._meta, self._seq_buf
+        for s, a, b, blo in self._parts(lo, hi):
+            if b > a:
+                view = grad[a:b]
+                swin.Lock(s, MPI.LOCK_SHARED)
+                swin.Put([view, MPI.FLOAT], s, (self.me * n_s_all[s] + (a - blo), b - a, MPI.FLOAT))
+                swin.Unlock(s)  # the gradient is complete at the target before the seq bump
+                self.bytes_pushed += 4 * (b - a)
+            meta[:] = (self.versions[s], n_samples, phase, 0, max(a - blo, 0), max(b - blo, 0))
+            seq_buf[0] = seq
+            base = self.me * MB_WORDS
+            cwin.Lock(s, MPI.LOCK_SHARED)
+            cwin.Accumulate(
+                [meta, MPI.INT64_T], s, (base + PULLED, meta.size, MPI.INT64_T), MPI.REPLACE
+            )
+            cwin.Flush(s)
+            cwin.Accumulate(
+                [seq_buf, MPI.INT64_T], s, (base + PUSH_SEQ, 1, MPI.INT64_T), MPI.REPLACE
+            )
+            cwin.Unlock(s)
+        self.seq = seq
+        return seq
+
+    def last_results(self) -> list[int]:
+        """RESULT word of this worker's last push on every server (after `wait`)."""
+        out = []
+        res = np.zeros(1, dtype=np.int64)
+        cwin = self.w.cwin
+        for s in range(self.topo.n_servers):
+            cwin.Lock(s, MPI.LOCK_SHARED)
+            cwin.Fetch_and_op(
+                [self._one, MPI.INT64_T],
+                [res, MPI.INT64_T],
+                s,
+                self.me * MB_WORDS + RESULT,
+                MPI.NO_OP,
+            )
+            cwin.Unlock(s)
+            out.append(int(res[0]))
+        return out
+
+    def report(self, **fields: float) -> None:
+        """Write this worker's stats row on server rank 0 (atomic words)."""
+        st = self._stats
+        for name, value in fields.items():
+            st[_STAT_INDEX[name]] = value
+        st[HEARTBEAT] = time.time()
+        cwin = self.w.cwin
+        base = self.topo.n_workers * MB_WORDS + self.me * ST_WORDS
+        cwin.Lock(0, MPI.LOCK_SHARED)
+        cwin.Accumulate([st, MPI.DOUBLE], 0, (base, ST_WORDS, MPI.DOUBLE), MPI.REPLACE)
+        cwin.Unlock(0)
+
+
+_STAT_INDEX = {
+    "steps": STEPS,
+    "samples": ST_SAMPLES,
+    "loss": LOSS,
+    "rate": RATE,
+    "pushes": PUSHES,
+    "pulls": PULLS,
+    "state": STATE,
+}
+
+
+# -- server side ------------------------------------------------------------
+@dataclass
+class Push:
+    worker: int
+    seq: int
+    pulled_version: int
+    n_samples: int
+    phase: int
+    lo: int  # offsets into this server's shard
+    hi: int
+    grad: np.ndarray  # view into the slot (valid until ack)
+
+
+class PSServer:
+    """Server-side endpoint over this rank's windows (local memory + self-RMA)."""
+
+    def __init__(self, win: Windows):
+        self.w = win
+        self.topo = win.topo
+        self.me = self.topo.rank
+        self.lo, self.hi = win.bounds[self.me]
+        K, n_s = self.topo.n_workers, win.n_s
+        pmem = np.frombuffer(win.pwin.tomemory(), dtype=np.uint8)
+        self.header = pmem[:HDR_BYTES].view(np.int64)
+        self.params = pmem[HDR_BYTES:].view(np.float32)
+        self.slots = np.frombuffer(win.swin.tomemory(), dtype=np.float32).reshape(K, n_s)
+        self._mb = np.zeros((K, MB_WORDS), dtype=np.int64)
+        self._mb_origin = np.zeros_like(self._mb)  # ignored by NO_OP; must not alias the result
+        self._stats = np.zeros((K, ST_WORDS), dtype=np.float64)
+        self._stats_origin = np.zeros_like(self._stats)
+        self._word = np.zeros(1, dtype=np.int64)
+        self._hdr_remote = np.zeros(HDR_WORDS, dtype=np.int64)
+        self._acked = np.zeros(K, dtype=np.int64)
+
+    # parameters and header: writers hold the exclusive lock
+    def lock_params(self) -> None:
+        self.w.pwin.Lock(self.me, MPI.LOCK_EXCLUSIVE)
+
+    def unlock_params(self) -> None:
+        self.w.pwin.Unlock(self.me)
+
+    def poll(self) -> list[Push]:
+        """Pending pushes (PUSH_SEQ > ACK_SEQ), oldest worker first."""
+        cwin, mb = self.w.cwin, self._mb
+        cwin.Lock(self.me, MPI.LOCK_SHARED)
+        cwin.Get_accumulate(
+            [self._mb_origin, MPI.INT64_T],
+            [mb, MPI.INT64_T],
+            self.me,
+            (0, mb.size, MPI.INT64_T),
+            MPI.NO_OP,
+        )
+        cwin.Unlock(self.me)
+        pending = np.flatnonzero(mb[:, PUSH_SEQ] > self._acked)
+        if pending.size == 0:
+            return []
+        self.w.swin.Lock(self.me, MPI.LOCK_SHARED)
+        self.w.swin.Sync()  # make the workers' completed Puts visible to our loads
+        self.w.swin.Unlock(self.me)
+        out = []
+        for w in pending:
+            row = mb[w]
+            lo, hi = int(row[LO]), int(row[HI])
+            out.append(
+                Push(
+                    worker=int(w),
+                    seq=int(row[PUSH_SEQ]),
+                    pulled_version=int(row[PULLED]),
+                    n_samples=int(row[N_SAMPLES]),
+                    phase=int(row[MB_PHASE]),
+                    lo=lo,
+                    hi=hi,
+                    grad=self.slots[w, lo:hi],
+                )
+            )
+        return out
+
+    def ack(self, push: Push, result: int) -> None:
+        """Record the outcome and free the worker's slot (atomic ACK_SEQ write)."""
+        cwin, word = self.w.cwin, self._word
+        base = push.worker * MB_WORDS
+        cwin.Lock(self.me, MPI.LOCK_SHARED)
+        word[0] = result
+        cwin.Accumulate([word, MPI.INT64_T], self.me, (base + RESULT, 1, MPI.INT64_T), MPI.REPLACE)
+        cwin.Flush(self.me)
+        word[0] = push.seq
+        cwin.Accumulate([word, MPI.INT64_T], self.me, (base + ACK_SEQ, 1, MPI.INT64_T), MPI.REPLACE)
+        cwin.Unlock(self.me)
+        self._acked[push.worker] = push.seq
+
+    def read_stats(self) -> np.ndarray:
+        """The workers' stats rows (rank 0), float64[K, ST_WORDS] snapshot."""
+        cwin, st = self.w.cwin, self._stats
+        base = self.topo.n_workers * MB_WORDS
+        cwin.Lock(self.me, MPI.LOCK_SHARED)
+        cwin.Get_accumulate(
+            [self._stats_origin, MPI.DOUBLE],
+            [st, MPI.DOUBLE],
+            self.me,
+            (base, st.size, MPI.DOUBLE),
+            MPI.NO_OP,
+        )
+        cwin.Unlock(self.me)
+        return st.copy()
+
+    def remote_header(self, server: int) -> np.ndarray:
+        """Header words of another server rank (followers read rank 0's phase/stop)."""
+        pwin, hdr = self.w.pwin, self._hdr_remote
+        pwin.Lock(server, MPI.LOCK_SHARED)
+        pwin.Get([hdr, MPI.INT64_T], server, (0, HDR_WORDS, MPI.INT64_T))
+        pwin.Unlock(server)
+        return hdr.copy()
+
+    def gather_params(self, out: np.ndarray) -> None:
+        """Copy the whole flat vector into `out` (rank 0: own shard + Gets from the others)."""
+        _check(out, np.float32, self.w.size)
+        pwin = self.w.pwin
+        for s, (blo, bhi) in enumerate(self.w.bounds):
+            view = out[blo:bhi]
+            pwin.Lock(s, MPI.LOCK_SHARED)
+            if s == self.me:
+                view[...] = self.params
+            elif bhi > blo:
+                pwin.Get([view, MPI.FLOAT], s, (HDR_BYTES, bhi - blo, MPI.FLOAT))
+            pwin.Unlock(s)
+
+
+def _check(arr: np.ndarray, dtype, size: int) -> None:
+    if arr.dtype != dtype or arr.shape != (size,) or not arr.flags.c_contiguous:
+        raise TypeError(
+            f"RMA buffer must be contiguous {np.dtype(dtype)}[{size}], got {arr.dtype}{arr.shape}"
+        )

@@ -1,0 +1,1 @@
+"""The parameter-server role: windows, update rules, phase schedule, control plane."""

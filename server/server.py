@@ -1,0 +1,271 @@
+"""Parameter-server rank: owns a shard of the flat parameter vector and applies pushes.
+
+The talk's Algorithm 4, server half: workers' gradients arrive in their
+mailbox slots (see `dbnps.common.rma`); this loop validates each push
+(phase, staleness bound tau, finite values), sums the accepted ones, and
+applies the sum with the pluggable update rule (`dbnps.common.updaters`):
+one pass of the rule per batch of pending pushes, so ingest stays cheap as
+the number of workers grows.  Rank 0 also decides the phase schedule
+(pretrain layer 1..L -> fine-tune -> done) from samples applied, evaluates
+test accuracy, and writes the model and a run summary at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dbnps.common import rma
+from dbnps.common.config import Config
+from dbnps.common.layout import Layout
+from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.updaters import make_rule
+from dbnps.server.state import ServerState
+
+
+class ParameterServer:
+    def __init__(
+        self,
+        cfg: Config,
+        topo: rma.Topology,
+        layout: Layout,
+        init_flat: np.ndarray,
+        n_train: int,
+        *,
+        evaluate=None,
+        log=print,
+        on_tick=None,
+    ):
+        self.cfg = cfg
+        self.topo = topo
+        self.layout = layout
+        self.log = log if topo.rank == 0 else (lambda *a, **k: None)
+        self.evaluate = evaluate  # callable(flat) -> accuracy, rank 0 only
+        self.on_tick = on_tick  # called from the main loop (control-plane requests)
+        self.win = rma.Windows(topo, layout.size)
+        self.ps = rma.PSServer(self.win)
+        self.lo, self.hi = self.ps.lo, self.ps.hi
+        names = [layout.phase_name(p) for p in range(layout.done_phase + 1)]
+        self.state = ServerState(topo.n_workers, topo.n_servers, names, n_train=n_train)
+        self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
+        self._agg = np.empty(self.hi - self.lo, dtype=np.float32)
+        self._flat = np.empty(layout.size, dtype=np.float32)  # rank 0 snapshot for eval
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="eval") if topo.rank == 0 else None
+        self._eval: Future | None = None
+        self._next_eval = cfg.run.eval_every_epochs
+        self._last_log = time.time()
+        first = self._next_nonempty_phase(0)
+        self.ps.lock_params()
+        self.ps.params[:] = init_flat[self.lo : self.hi]
+        self.ps.header[:] = 0
+        self.ps.header[rma.PHASE] = first
+        self.ps.unlock_params()
+        self.state.phase, self.state.phase_samples = first, self._phase_samples(first)
+        topo.comm.Barrier()  # parameters and phase are set before any worker pulls
+        self.log(f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s)")
+        self.log(f"[server] phase {layout.phase_name(first)} starts")
+
+    # -- phase schedule (rank 0 decides; followers copy) --------------------
+    def _phase_samples(self, phase: int) -> int:
+        ep = phase_epochs(self.cfg, phase, self.layout.n_layers)
+        return round(ep * self.state.n_train)
+
+    def _next_nonempty_phase(self, phase: int) -> int:
+        """`phase`, or the first later one that lasts > 0 samples (e.g. pretrain epochs = 0)."""
+        while phase < self.layout.done_phase and self._phase_samples(phase) == 0:
+            phase += 1
+        return phase
+
+    def _set_phase(self, phase: int) -> None:
+        st = self.state
+        self.ps.lock_params()
+        self.ps.header[rma.PHASE] = phase
+        self.ps.header[rma.SAMPLES] = 0
+        self.ps.unlock_params()
+        st.phase, st.samples_in_phase = phase, 0
+        st.phase_samples = self._phase_samples(phase)
+        self.rule.reset()
+        self._next_eval = self.cfg.run.eval_every_epochs
+        self.log(f"[server] phase {self.layout.phase_name(phase)} starts at version {st.version}")
+
+    def _end_phase(self) -> None:
+        st = self.state
+        if st.phase == self.layout.finetune_phase or st.phase < self.layout.n_layers:
+            self._record(final_of_phase=True)
+        self._set_phase(self._next_nonempty_phase(st.phase + 1))
+
+    def _follow_rank0(self) -> None:
+        hdr = self.ps.remote_header(0)
+        if int(hdr[rma.PHASE]) != self.state.phase:
+            self._set_phase(int(hdr[rma.PHASE]))
+
+    # -- the request handle --------------------------------------------------
+    def handle(self, pushes: list[rma.Push]) -> None:
+        """Validate, aggregate and apply a batch of pushes; ack every one."""
+        st, cfg = self.state, self.cfg
+        if self.topo.rank != 0 and any(p.phase != st.phase for p in pushes):
+            self._follow_rank0()
+        plo, phi = self.layout.phase_range(st.phase)
+        a, b = max(plo, self.lo) - self.lo, min(phi, self.hi) - self.lo
+        a, b = (a, b) if b > a else (0, 0)
+        accepted: list[rma.Push] = []
+        results: list[int] = []
+        for p in pushes:
+            staleness = st.version - p.pulled_version
+            if p.phase != st.phase or st.phase >= self.layout.done_phase or (p.lo, p.hi) != (a, b):
+                res = rma.REJECTED_PHASE
+            elif cfg.ps.staleness_bound and staleness > cfg.ps.staleness_bound:
+                res = rma.REJECTED_STALE
+            elif b > a and not np.isfinite(np.dot(p.grad, p.grad)):
+                # One BLAS pass: the dot is non-finite iff some element is NaN/Inf
+                # (or the norm overflows float32, which we refuse as well).
+                res = rma.REJECTED_NONFINITE
+            else:
+                res = rma.APPLIED
+                accepted.append(p)
+                st.record_staleness(max(staleness, 0))
+            results.append(res)
+        if accepted:
+            t0 = time.perf_counter()
+            agg = self._agg[a:b]
+            np.copyto(agg, accepted[0].grad)
+            for p in accepted[1:]:
+                agg += p.grad
+            lr, mom = hyper(cfg, st.phase, self.layout.n_layers, st.epoch)
+            n = sum(p.n_samples for p in accepted)
+            self.ps.lock_params()
+            self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)
+            self.ps.header[rma.VERSION] += len(accepted)
+            if self.topo.rank == 0:
+                self.ps.header[rma.SAMPLES] += n
+            self.ps.unlock_params()
+            st.apply_seconds += time.perf_counter() - t0
+            st.version += len(accepted)
+            st.applied_total += len(accepted)
+            st.samples_in_phase += n
+            st.bytes_in += 4 * (b - a) * len(accepted)
+            if self.topo.rank == 0 and st.samples_in_phase >= st.phase_samples:
+                # Before the acks: a synchronous worker's next pull must see the new phase.
+                self._end_phase()
+        for p, res in zip(pushes, results, strict=True):
+            self.ps.ack(p, res)
+            if res == rma.APPLIED:
+                st.worker_applied[p.worker] += 1
+            else:
+                st.worker_rejected[p.worker] += 1
+                name = rma.RESULT_NAMES[res]
+                st.rejected[name] = st.rejected.get(name, 0) + 1
+
+    # -- evaluation and logging (rank 0) -----------------------------------
+    def _record(self, *, final_of_phase: bool = False, wait: bool = False) -> None:
+        st = self.state
+        st.worker_stats = self.ps.read_stats()
+        alive = st.worker_stats[:, rma.HEARTBEAT] > 0
+        if alive.any():
+            st.loss = float(np.mean(st.worker_stats[alive, rma.LOSS]))
+        entry = {
+            "t": round(time.time() - st.start_time, 3),
+            "phase": st.phase_name,
+            "epoch": round(st.epoch, 4),
+            "version": st.version,
+            "loss": st.loss,
+        }
+        finetune = st.phase == self.layout.finetune_phase
+        if finetune and self.evaluate is not None:
+            self._collect_eval()
+            if self._eval is None or wait or final_of_phase:
+                self.ps.gather_params(self._flat)
+                snap = self._flat.copy()
+                fut = self._pool.submit(self.evaluate, snap)
+                if wait or final_of_phase:
+                    st.test_accuracy = float(fut.result())
+                    entry["test_accuracy"] = st.test_accuracy
+                else:
+                    self._eval = fut
+                    self._eval_entry = entry
+        st.history.append(entry)
+        rate = float(st.worker_stats[:, rma.RATE].sum())
+        acc = (
+            f"  test acc {st.test_accuracy:.4f}"
+            if finetune and st.test_accuracy == st.test_accuracy
+            else ""
+        )
+        self.log(
+            f"[server] {st.phase_name} epoch {st.epoch:6.2f}  version {st.version}  "
+            f"applied {st.applied_total} rejected {st.rejected_total}  "
+            f"staleness mean {st.staleness_sum / max(st.staleness_count, 1):.2f}  "
+            f"{rate:,.0f} samples/s  loss {st.loss:.4f}{acc}  t={entry['t']:.1f}s"
+        )
+
+    def _collect_eval(self) -> None:
+        if self._eval is not None and self._eval.done():
+            self.state.test_accuracy = float(self._eval.result())
+            self._eval_entry["test_accuracy"] = self.state.test_accuracy
+            self._eval = None
+
+    # -- main loop -----------------------------------------------------------
+    def run(self) -> ServerState:
+        """Serve until every worker has left (non-blocking barrier), then finish."""
+        st = self.state
+        done_req = self.topo.comm.Ibarrier()
+        pause = 1e-5
+        while not done_req.Test():
+            pushes = self.ps.poll()
+            if pushes:
+                self.handle(pushes)
+                pause = 1e-5
+            else:
+                time.sleep(pause)
+                pause = min(pause * 2, 5e-4)
+            if self.topo.rank == 0:
+                self._rank0_tick()
+            elif st.phase < self.layout.done_phase and time.time() - self._last_log > 0.05:
+                self._last_log = time.time()
+                self._follow_rank0()
+            if self.on_tick is not None:
+                self.on_tick(self)
+        st.done = True
+        return st
+
+    def _rank0_tick(self) -> None:
+        st = self.state
+        if st.phase == self.layout.finetune_phase and st.epoch >= self._next_eval:
+            self._next_eval += self.cfg.run.eval_every_epochs
+            self._record()
+            self._last_log = time.time()
+        self._collect_eval()
+        if time.time() - self._last_log > self.cfg.run.log_every_s:
+            self._last_log = time.time()
+            self._record()
+
+    def finish(self, out: Path | None = None, summary: Path | None = None) -> dict | None:
+        """After every worker left: final evaluation, model and summary (rank 0), free windows."""
+        result = None
+        if self.topo.rank == 0:
+            st = self.state
+            st.worker_stats = self.ps.read_stats()
+            if self._eval is not None:
+                self._eval.result()
+                self._collect_eval()
+            self.ps.gather_params(self._flat)
+            if self.evaluate is not None and st.phase >= self.layout.finetune_phase:
+                st.test_accuracy = float(self.evaluate(self._flat))
+            result = st.summary()
+            if out is not None:
+                from dbnps.common.model import save_model
+
+                save_model(out, self.layout, self._flat, self.cfg, {"summary": result})
+            if summary is not None:
+                tmp = Path(str(summary) + ".tmp")
+                tmp.write_text(json.dumps(result, indent=1, default=float))
+                tmp.replace(summary)
+            if st.phase >= self.layout.finetune_phase and self.evaluate is not None:
+                self.log(f"final test accuracy: {st.test_accuracy:.4f}")
+            self._pool.shutdown()
+        self.topo.comm.Barrier()  # rank 0 has read every shard before windows go away
+        self.win.free()
+        return result

@@ -1,0 +1,112 @@
+"""Live state of a parameter-server rank, read by status RPCs and metrics at request time.
+
+The training loop owns and mutates this object; readers (gRPC handlers,
+Prometheus collectors, the log line) only read it, so there is one copy of
+every number.  Plain Python ints/floats and small numpy arrays: a reader on
+another thread may see a value one update old, never a torn one that matters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Staleness histogram bucket upper bounds (in parameter versions), Prometheus-style.
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class ServerState:
+    n_workers: int
+    n_servers: int
+    phase_names: list[str]
+    start_time: float = field(default_factory=time.time)
+    phase: int = 0
+    version: int = 0
+    samples_in_phase: int = 0
+    phase_samples: int = 0  # samples the current phase lasts
+    n_train: int = 0
+    applied_total: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    apply_seconds: float = 0.0
+    staleness_counts: np.ndarray = field(
+        default_factory=lambda: np.zeros(len(STALENESS_BUCKETS) + 1, dtype=np.int64)
+    )
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    test_accuracy: float = float("nan")
+    loss: float = float("nan")
+    done: bool = False
+    history: list[dict] = field(default_factory=list)
+    # per worker (index = worker number, world rank = n_servers + index)
+    worker_applied: np.ndarray = field(init=False)
+    worker_rejected: np.ndarray = field(init=False)
+    worker_stats: np.ndarray = field(init=False)  # float64[K, ST_WORDS] from the window
+
+    def __post_init__(self) -> None:
+        K = self.n_workers
+        self.worker_applied = np.zeros(K, dtype=np.int64)
+        self.worker_rejected = np.zeros(K, dtype=np.int64)
+        self.worker_stats = np.zeros((K, 8), dtype=np.float64)
+
+    @property
+    def phase_name(self) -> str:
+        return self.phase_names[min(self.phase, len(self.phase_names) - 1)]
+
+    @property
+    def epoch(self) -> float:
+        """Epochs completed in the current phase (all workers together)."""
+        return self.samples_in_phase / self.n_train if self.n_train else 0.0
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def staleness_count(self) -> int:
+        return int(self.staleness_counts.sum())
+
+    def record_staleness(self, s: int) -> None:
+        self.staleness_counts[np.searchsorted(STALENESS_BUCKETS, s)] += 1
+        self.staleness_sum += s
+        self.staleness_max = max(self.staleness_max, s)
+
+    def summary(self) -> dict:
+        """A JSON-ready snapshot (written at the end of a run, and for `status --json`)."""
+        n = self.staleness_count
+        return {
+            "phase": self.phase_name,
+            "version": self.version,
+            "applied": self.applied_total,
+            "rejected": dict(self.rejected),
+            "bytes_in": self.bytes_in,
+            "apply_seconds": round(self.apply_seconds, 6),
+            "staleness": {
+                "buckets": list(STALENESS_BUCKETS),
+                "counts": self.staleness_counts.tolist(),
+                "mean": self.staleness_sum / n if n else 0.0,
+                "max": self.staleness_max,
+            },
+            "test_accuracy": self.test_accuracy,
+            "loss": self.loss,
+            "wall_s": round(time.time() - self.start_time, 3),
+            "workers": [
+                {
+                    "worker": w,
+                    "rank": self.n_servers + w,
+                    "applied": int(self.worker_applied[w]),
+                    "rejected": int(self.worker_rejected[w]),
+                    "steps": int(self.worker_stats[w, 0]),
+                    "samples": int(self.worker_stats[w, 1]),
+                    "loss": float(self.worker_stats[w, 2]),
+                    "samples_per_s": float(self.worker_stats[w, 4]),
+                    "pushes": int(self.worker_stats[w, 5]),
+                    "pulls": int(self.worker_stats[w, 6]),
+                }
+                for w in range(self.n_workers)
+            ],
+            "history": self.history,
+        }

@@ -1,0 +1,138 @@
+"""The parameter server over real MPI windows: exactness, conservation, safety, staleness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_config
+
+from dbnps.common.config import load
+from dbnps.common.job import initial_params, layout_of, load_data
+
+SMALL = {"model": {"sizes": [784, 32, 32]}, "data": {"train_subset": 600, "test_subset": 200}}
+
+
+def synthetic_cfg(tmp_path, **ps):
+    # Pretraining skipped: every push is a fine-tuning push over the whole vector.
+    return write_config(
+        tmp_path / "syn.toml",
+        {
+            **SMALL,
+            "pretrain": {"epochs": 0.0},
+            "finetune": {"epochs": 1000.0, "lr": 0.1, "momentum_start": 0.0, "momentum_final": 0.0},
+            "ps": {"update_rule": "sgd", **ps},
+            "run": {"max_steps": 20},
+        },
+    )
+
+
+def final_params(run_dir):
+    from dbnps.common.model import load_model
+
+    _, params, _, _ = load_model(run_dir / "model.npz")
+    return params.flat
+
+
+def expected_sgd(cfg_path, summary, value):
+    """init - lr * sum over workers of (applied pushes x that worker's constant gradient)."""
+    cfg = load(cfg_path)
+    layout = layout_of(cfg)
+    init = initial_params(cfg, layout, load_data(cfg).X_train).astype(np.float64)
+    total = sum(w["applied"] * value * (w["worker"] + 1) for w in summary["workers"])
+    return init - cfg.finetune.lr * total
+
+
+def test_exactness_one_worker_matches_single_process(tmp_path, job):
+    """1 server + 1 worker, sync pushes, plain SGD == the single-process trainer, step for step."""
+    from dbnps.common.trainer import train_local
+
+    # 600 images / batch 100 = 6 steps per phase; 15 steps cross both RBMs into fine-tuning.
+    cfg_path = write_config(
+        tmp_path / "exact.toml",
+        {
+            **SMALL,
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 1.0},
+            "ps": {"update_rule": "sgd", "sync": True},
+            "run": {"max_steps": 15, "seed": 3},
+        },
+    )
+    cfg = load(cfg_path)
+    local, _ = train_local(cfg, load_data(cfg), progress=False, log=lambda *_: None)
+    res = job(cfg_path, workers=1)
+    assert res.rc == 0, res.output
+    s = res.summary
+    assert s["applied"] == 15 and s["rejected"] == {}
+    assert s["phase"] == "finetune"
+    np.testing.assert_allclose(final_params(res.run_dir), local.flat, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_conservation_with_three_workers(tmp_path, job, servers):
+    cfg_path = synthetic_cfg(tmp_path)
+    res = job(
+        cfg_path, workers=3, servers=servers, worker_args=("--inject-synthetic-grad", "0.001")
+    )
+    assert res.rc == 0, res.output
+    s = res.summary
+    for w in s["workers"]:
+        assert w["pushes"] == 20
+        assert w["pushes"] == w["applied"] + w["rejected"]
+    assert s["applied"] == sum(w["applied"] for w in s["workers"])
+    assert s["applied"] + sum(s["rejected"].values()) == 60
+    np.testing.assert_allclose(
+        final_params(res.run_dir), expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5
+    )
+
+
+def test_nan_pushes_rejected_while_others_train(tmp_path, job):
+    cfg_path = synthetic_cfg(tmp_path)
+    res = job(
+        cfg_path,
+        workers=2,
+        worker_args=(
+            "--inject-synthetic-grad",
+            "0.001",
+            "--inject-nan-worker",
+            "1",
+            "--inject-nan-every",
+            "2",
+        ),
+    )
+    assert res.rc == 0, res.output
+    s = res.summary
+    w0, w1 = s["workers"]
+    assert (w0["applied"], w0["rejected"]) == (20, 0)
+    assert (w1["applied"], w1["rejected"]) == (10, 10)
+    assert s["rejected"] == {"nonfinite": 10}
+    flat = final_params(res.run_dir)
+    assert np.isfinite(flat).all()
+    np.testing.assert_allclose(flat, expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5)
+
+
+def test_lagging_worker_pushes_beyond_tau_are_dropped(tmp_path, job):
+    """Worker 1 sleeps 0.5 s per step while worker 0 pushes ~20 updates: tau = 4 drops its push."""
+    cfg_path = synthetic_cfg(tmp_path, staleness_bound=4)
+    res = job(
+        cfg_path,
+        workers=2,
+        worker_args=(
+            "--inject-synthetic-grad",
+            "0.001",
+            "--inject-sleep-worker",
+            "1",
+            "--inject-sleep-s",
+            "0.5",
+        ),
+    )
+    assert res.rc == 0, res.output
+    s = res.summary
+    w0, w1 = s["workers"]
+    assert w1["rejected"] >= 1 and s["rejected"].get("stale", 0) == w1["rejected"] + w0["rejected"]
+    assert w1["pushes"] == w1["applied"] + w1["rejected"]
+    # Every applied update was within the bound: the histogram has nothing above tau.
+    buckets, counts = s["staleness"]["buckets"], s["staleness"]["counts"]
+    assert sum(c for b, c in zip([*buckets, float("inf")], counts, strict=False) if b > 4) == 0
+    np.testing.assert_allclose(
+        final_params(res.run_dir), expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5
+    )

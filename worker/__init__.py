@@ -1,0 +1,1 @@
+"""The worker role: a DBN replica running the Downpour loop on its data shard."""

@@ -1,0 +1,44 @@
+"""`python -m dbnps.worker`: one worker rank of an MPMD job (launched by psctl)."""
+
+from __future__ import annotations
+
+import click
+
+from dbnps.common import rma
+from dbnps.common.config import load
+from dbnps.common.errors import exit_on_user_error
+from dbnps.common.job import layout_of, load_data
+from dbnps.common.mnist import shard
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(), default=None)
+@click.option("--data-dir", default=None)
+@click.option("--inject-synthetic-grad", type=float, default=None, hidden=True)
+@click.option("--inject-nan-worker", type=int, default=-1, hidden=True)
+@click.option("--inject-nan-every", type=int, default=1, hidden=True)
+@click.option("--inject-sleep-worker", type=int, default=-1, hidden=True)
+@click.option("--inject-sleep-s", type=float, default=0.0, hidden=True)
+@exit_on_user_error
+def main(config_path, data_dir, **inject) -> None:
+    from dbnps.worker.worker import Faults, Worker
+
+    cfg = load(config_path)
+    topo = rma.Topology.discover("worker")
+    layout = layout_of(cfg)
+    data = load_data(cfg, data_dir)
+    X, y = shard(data.X_train, data.y_train, topo.worker_index, topo.n_workers)
+    faults = Faults(
+        synthetic_grad=inject["inject_synthetic_grad"],
+        nan_worker=inject["inject_nan_worker"],
+        nan_every=inject["inject_nan_every"],
+        sleep_worker=inject["inject_sleep_worker"],
+        sleep_s=inject["inject_sleep_s"],
+    )
+    worker = Worker(cfg, topo, layout, X, y, len(data.y_train), faults=faults)
+    worker.run()
+    worker.finish()
+
+
+if __name__ == "__main__":
+    main()

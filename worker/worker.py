@@ -1,0 +1,159 @@
+"""Worker rank: a DBN replica running the Downpour loop on its shard of MNIST.
+
+The talk's Algorithm 4, worker half::
+
+    pull parameters                      (every n_fetch steps; MPI_Get)
+    compute a gradient on the next minibatch of the shard  (CD-k or backprop)
+    add it to the local accumulator
+    push the accumulated gradient        (every n_push steps; MPI_Put + atomics)
+
+The phase (pretrain layer l, fine-tune, done) is read from the server header
+on every pull; at a phase change the worker pulls the whole vector (the lower
+layers it will propagate through are final) and restarts its minibatch walk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dbnps.common import rma
+from dbnps.common.config import Config
+from dbnps.common.layout import Layout
+
+
+@dataclass
+class Faults:
+    """Test hooks that make a worker misbehave on purpose (real processes, real windows)."""
+
+    synthetic_grad: float | None = None  # push grad = value * (worker + 1) instead of DBN math
+    nan_worker: int = -1  # this worker pushes NaN in every `nan_every`-th push
+    nan_every: int = 1
+    sleep_worker: int = -1  # this worker sleeps `sleep_s` per step (a laggard)
+    sleep_s: float = 0.0
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: Config,
+        topo: rma.Topology,
+        layout: Layout,
+        X: np.ndarray,
+        y: np.ndarray,
+        n_train: int,
+        *,
+        faults: Faults | None = None,
+    ):
+        self.cfg, self.topo, self.layout = cfg, topo, layout
+        self.n_train = n_train
+        self.me = topo.worker_index
+        self.faults = faults or Faults()
+        self.win = rma.Windows(topo, layout.size)
+        self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
+        self.params = layout.zeros()
+        self.grad = layout.zeros()
+        self.acc = layout.zeros() if cfg.ps.n_push > 1 else self.grad
+        rng = np.random.default_rng([cfg.run.seed, 1, self.me])
+        if self.faults.synthetic_grad is None:
+            from dbnps.common.steps import StepGradient
+
+            self.sampler = StepGradient(layout, cfg, X, y, rng)
+        else:
+            self.sampler = None
+        topo.comm.Barrier()  # the server has initialised its parameters
+
+    def _step(self, phase: int, epoch: float) -> tuple[float, int]:
+        f = self.faults
+        if f.sleep_worker == self.me and f.sleep_s:
+            time.sleep(f.sleep_s)
+        if self.sampler is not None:
+            return self.sampler.step(self.params, self.grad, epoch=epoch)
+        lo, hi = self.layout.phase_range(phase)
+        self.grad.flat[lo:hi] = np.float32(f.synthetic_grad * (self.me + 1))
+        return 0.0, self.cfg.finetune.batch_size
+
+    def run(self) -> None:
+        cfg, layout, client = self.cfg, self.layout, self.client
+        n_fetch, n_push = cfg.ps.n_fetch, cfg.ps.n_push
+        info = client.pull(self.params.flat, 0, layout.size)
+        phase = -1
+        steps = pushes = pulls = 0
+        acc_samples = acc_steps = 0
+        samples = 0
+        loss = float("nan")
+        t_rate, s_rate = time.monotonic(), 0
+        rate = 0.0
+        while True:
+            if info.phase != phase:
+                if info.phase >= layout.done_phase:
+                    break
+                if phase != -1:
+                    info = client.pull(self.params.flat, 0, layout.size)
+                    pulls += 1
+                    if info.phase >= layout.done_phase:
+                        break
+                phase = info.phase
+                if self.sampler is not None:
+                    self.sampler.begin_phase(phase, self.params)
+                acc_samples = acc_steps = 0
+            lo, hi = layout.phase_range(phase)
+            loss, n = self._step(phase, info.samples / max(self.n_train, 1))
+            if n_push > 1:
+                if acc_steps == 0:
+                    self.acc.flat[lo:hi] = self.grad.flat[lo:hi]
+                else:
+                    self.acc.flat[lo:hi] += self.grad.flat[lo:hi]
+            acc_samples += n
+            acc_steps += 1
+            steps += 1
+            samples += n
+            if acc_steps == n_push:
+                if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
+                    self.acc.flat[lo] = np.float32("nan")
+                client.push(self.acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
+                pushes += 1
+                acc_samples = acc_steps = 0
+                if cfg.ps.sync:
+                    client.wait()
+                now = time.monotonic()
+                if now - t_rate > 0.5:
+                    rate = (samples - s_rate) / (now - t_rate)
+                    t_rate, s_rate = now, samples
+                client.report(
+                    steps=steps,
+                    samples=samples,
+                    loss=loss,
+                    rate=rate,
+                    pushes=pushes,
+                    pulls=pulls,
+                    state=rma.STATE_RUNNING,
+                )
+            if cfg.run.max_steps and steps >= cfg.run.max_steps:
+                break
+            if steps % n_fetch == 0:
+                info = client.pull(self.params.flat, lo, hi)
+                pulls += 1
+            else:
+                hdr = client.header(0)
+                if int(hdr[rma.PHASE]) != phase:
+                    info = client.pull(self.params.flat, 0, layout.size)
+                    pulls += 1
+        client.wait()  # our last push has been taken (applied or rejected) before we leave
+        client.report(
+            steps=steps,
+            samples=samples,
+            loss=loss,
+            rate=0.0,
+            pushes=pushes,
+            pulls=pulls,
+            state=rma.STATE_DONE,
+        )
+
+    def finish(self) -> None:
+        """Collective exit matching the servers' `run` (Ibarrier) and `finish`."""
+        self.topo.comm.Ibarrier().Wait()
+        self.topo.comm.Barrier()
+        self.win.free()
