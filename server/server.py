@@ -103,6 +103,17 @@ class ParameterServer:
         if int(hdr[rma.PHASE]) != self.state.phase:
             self._set_phase(int(hdr[rma.PHASE]))
 
+    def request_stop(self) -> None:
+        """Rank 0, main thread: publish phase `done` + STOP; workers leave at their next pull."""
+        st = self.state
+        self.ps.lock_params()
+        self.ps.header[rma.PHASE] = self.layout.done_phase
+        self.ps.header[rma.STOP] = 1
+        self.ps.unlock_params()
+        st.phase = self.layout.done_phase
+        st.stopped = True
+        self.log(f"[server] stop requested at version {st.version}")
+
     # -- the request handle --------------------------------------------------
     def handle(self, pushes: list[rma.Push]) -> None:
         """Validate, aggregate and apply a batch of pushes; ack every one."""
@@ -144,6 +155,8 @@ class ParameterServer:
                 self.ps.header[rma.SAMPLES] += n
             self.ps.unlock_params()
             st.apply_seconds += time.perf_counter() - t0
+            st.last_apply = time.time()
+            st.first_apply = st.first_apply or st.last_apply
             st.version += len(accepted)
             st.applied_total += len(accepted)
             st.samples_in_phase += n

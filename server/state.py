@@ -32,6 +32,8 @@ class ServerState:
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_in: int = 0
     apply_seconds: float = 0.0
+    first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
+    last_apply: float = 0.0
     staleness_counts: np.ndarray = field(
         default_factory=lambda: np.zeros(len(STALENESS_BUCKETS) + 1, dtype=np.int64)
     )
@@ -39,7 +41,8 @@ class ServerState:
     staleness_max: int = 0
     test_accuracy: float = float("nan")
     loss: float = float("nan")
-    done: bool = False
+    done: bool = False  # every worker has left
+    stopped: bool = False  # ended by a stop request, not by the schedule
     history: list[dict] = field(default_factory=list)
     # per worker (index = worker number, world rank = n_servers + index)
     worker_applied: np.ndarray = field(init=False)
@@ -69,6 +72,12 @@ class ServerState:
     def staleness_count(self) -> int:
         return int(self.staleness_counts.sum())
 
+    @property
+    def ingest_rate(self) -> float:
+        """Updates applied per second between the first and the last applied batch."""
+        span = self.last_apply - self.first_apply
+        return self.applied_total / span if span > 0 else 0.0
+
     def record_staleness(self, s: int) -> None:
         self.staleness_counts[np.searchsorted(STALENESS_BUCKETS, s)] += 1
         self.staleness_sum += s
@@ -84,6 +93,7 @@ class ServerState:
             "rejected": dict(self.rejected),
             "bytes_in": self.bytes_in,
             "apply_seconds": round(self.apply_seconds, 6),
+            "ingest_updates_per_s": self.ingest_rate,
             "staleness": {
                 "buckets": list(STALENESS_BUCKETS),
                 "counts": self.staleness_counts.tolist(),
