@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import write_config
@@ -143,3 +145,53 @@ def test_lagging_worker_pushes_beyond_tau_are_dropped(tmp_path, job):
     np.testing.assert_allclose(
         final_params(res.run_dir), expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5
     )
+
+
+def test_end_to_end_two_workers_reach_90_percent_within_a_minute(tmp_path):
+    """`psctl run`: 1 server + 2 workers, 784-256-256-10 on 10k MNIST images."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cfg_path = write_config(
+        tmp_path / "e2e.toml",
+        {
+            "model": {"sizes": [784, 256, 256]},
+            "data": {"train_subset": 10000, "test_subset": 2000},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 12.0, "momentum_switch_epoch": 1.0},
+            "run": {"eval_every_epochs": 4.0},
+        },
+    )
+    psctl = Path(sys.executable).parent / "psctl"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [psctl, "run", "--config", cfg_path, "--workers", "2", "--run-dir", tmp_path / "run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.90, summary["test_accuracy"]
+    assert "test accuracy" in proc.stdout
+    assert wall < 60, wall
+    assert all(w["applied"] > 0 for w in summary["workers"])
+
+
+def test_psctl_run_bad_config_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = write_config(tmp_path / "bad.toml", {"ps": {"n_push": 0}})
+    psctl = Path(sys.executable).parent / "psctl"
+    proc = subprocess.run(
+        [psctl, "run", "--config", bad], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "n_push" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
