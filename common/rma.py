@@ -252,7 +252,8 @@ class PSClient:
                 swin.Put([view, MPI.FLOAT], s, (self.me * n_s_all[s] + (a - blo), b - a, MPI.FLOAT))
                 swin.Unlock(s)  # the gradient is complete at the target before the seq bump
                 self.bytes_pushed += 4 * (b - a)
-            meta[:] = (self.versions[s], n_samples, phase, 0, max(a - blo, 0), max(b - blo, 0))
+            off = (a - blo, b - blo) if b > a else (0, 0)  # an empty part is (0, 0)
+            meta[:] = (self.versions[s], n_samples, phase, 0, *off)
             seq_buf[0] = seq
             base = self.me * MB_WORDS
             cwin.Lock(s, MPI.LOCK_SHARED)

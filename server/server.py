@@ -123,33 +123,30 @@ class ParameterServer:
         plo, phi = self.layout.phase_range(st.phase)
         a, b = max(plo, self.lo) - self.lo, min(phi, self.hi) - self.lo
         a, b = (a, b) if b > a else (0, 0)
-        accepted: list[rma.Push] = []
-        results: list[int] = []
+        results: dict[int, int] = {}
+        candidates: list[rma.Push] = []
         for p in pushes:
             staleness = st.version - p.pulled_version
             if p.phase != st.phase or st.phase >= self.layout.done_phase or (p.lo, p.hi) != (a, b):
-                res = rma.REJECTED_PHASE
+                results[p.worker] = rma.REJECTED_PHASE
             elif cfg.ps.staleness_bound and staleness > cfg.ps.staleness_bound:
-                res = rma.REJECTED_STALE
-            elif b > a and not np.isfinite(np.dot(p.grad, p.grad)):
-                # One BLAS pass: the dot is non-finite iff some element is NaN/Inf
-                # (or the norm overflows float32, which we refuse as well).
-                res = rma.REJECTED_NONFINITE
+                results[p.worker] = rma.REJECTED_STALE
             else:
-                res = rma.APPLIED
-                accepted.append(p)
-                st.record_staleness(max(staleness, 0))
-            results.append(res)
+                candidates.append(p)
+        t0 = time.perf_counter()
+        accepted, agg = self._sum_finite(candidates, a, b)
+        ok = {p.worker for p in accepted}
+        for p in candidates:
+            if p.worker in ok:
+                results[p.worker] = rma.APPLIED
+                st.record_staleness(max(st.version - p.pulled_version, 0))
+            else:
+                results[p.worker] = rma.REJECTED_NONFINITE
         if accepted:
-            t0 = time.perf_counter()
-            agg = self._agg[a:b]
-            np.copyto(agg, accepted[0].grad)
-            for p in accepted[1:]:
-                agg += p.grad
             lr, mom = hyper(cfg, st.phase, self.layout.n_layers, st.epoch)
             n = sum(p.n_samples for p in accepted)
             self.ps.lock_params()
-            self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)
+            self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)  # agg is scratch afterwards
             self.ps.header[rma.VERSION] += len(accepted)
             if self.topo.rank == 0:
                 self.ps.header[rma.SAMPLES] += n
@@ -164,7 +161,8 @@ class ParameterServer:
             if self.topo.rank == 0 and st.samples_in_phase >= st.phase_samples:
                 # Before the acks: a synchronous worker's next pull must see the new phase.
                 self._end_phase()
-        for p, res in zip(pushes, results, strict=True):
+        for p in pushes:
+            res = results[p.worker]
             self.ps.ack(p, res)
             if res == rma.APPLIED:
                 st.worker_applied[p.worker] += 1
@@ -172,6 +170,40 @@ class ParameterServer:
                 st.worker_rejected[p.worker] += 1
                 name = rma.RESULT_NAMES[res]
                 st.rejected[name] = st.rejected.get(name, 0) + 1
+
+    def _sum_finite(
+        self, pushes: list[rma.Push], a: int, b: int
+    ) -> tuple[list[rma.Push], np.ndarray]:
+        """The pushes whose values are all finite, and their sum (a scratch buffer).
+
+        `np.dot(g, g)` is one BLAS read pass and is non-finite iff some element is
+        NaN/Inf (or the norm overflows float32, refused as well).  With several
+        pushes we check the sum once and look at single pushes only if it is bad.
+        A lone push is summed in place: its slot is scratch until we ack it.
+        """
+
+        def finite(g: np.ndarray) -> bool:
+            return bool(np.isfinite(np.dot(g, g)))
+
+        if not pushes:
+            return [], self._agg[:0]
+        if b <= a:  # this shard holds nothing of the phase: nothing to check or sum
+            return list(pushes), self._agg[:0]
+        if len(pushes) == 1:
+            g = pushes[0].grad
+            return (list(pushes), g) if finite(g) else ([], g)
+        agg = self._agg[a:b]
+        np.copyto(agg, pushes[0].grad)
+        for p in pushes[1:]:
+            agg += p.grad
+        if finite(agg):
+            return list(pushes), agg
+        good = [p for p in pushes if finite(p.grad)]
+        if good:
+            np.copyto(agg, good[0].grad)
+            for p in good[1:]:
+                agg += p.grad
+        return good, agg
 
     # -- evaluation and logging (rank 0) -----------------------------------
     def _record(self, *, final_of_phase: bool = False, wait: bool = False) -> None:
@@ -229,7 +261,9 @@ class ParameterServer:
         while not done_req.Test():
             pushes = self.ps.poll()
             if pushes:
+                t0 = time.perf_counter()
                 self.handle(pushes)
+                st.busy_seconds += time.perf_counter() - t0
                 pause = 1e-5
             else:
                 time.sleep(pause)

@@ -31,7 +31,8 @@ class ServerState:
     applied_total: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_in: int = 0
-    apply_seconds: float = 0.0
+    apply_seconds: float = 0.0  # inside the update rule
+    busy_seconds: float = 0.0  # in handle(): validate, sum, apply, ack
     first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
     last_apply: float = 0.0
     staleness_counts: np.ndarray = field(
@@ -93,7 +94,11 @@ class ServerState:
             "rejected": dict(self.rejected),
             "bytes_in": self.bytes_in,
             "apply_seconds": round(self.apply_seconds, 6),
+            "busy_seconds": round(self.busy_seconds, 6),
             "ingest_updates_per_s": self.ingest_rate,
+            "capacity_updates_per_s": self.applied_total / self.busy_seconds
+            if self.busy_seconds
+            else 0.0,
             "staleness": {
                 "buckets": list(STALENESS_BUCKETS),
                 "counts": self.staleness_counts.tolist(),

@@ -195,3 +195,25 @@ def test_psctl_run_bad_config_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "n_push" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_two_server_shards_train_every_phase(tmp_path, job):
+    """S = 2: pretraining layer 2 lives wholly on shard 1; the job still learns end to end."""
+    cfg_path = write_config(
+        tmp_path / "s2.toml",
+        {
+            "model": {"sizes": [784, 128, 64]},
+            "data": {"train_subset": 6000, "test_subset": 1000},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 8.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+        },
+    )
+    res = job(cfg_path, workers=2, servers=2)
+    assert res.rc == 0, res.output
+    s = res.summary
+    assert s["phase"] == "done"
+    pushes = sum(w["pushes"] for w in s["workers"])
+    # Only pushes in flight at the two phase changes may be refused.
+    assert s["rejected"].get("phase", 0) <= 2 * 2 and set(s["rejected"]) <= {"phase"}
+    assert s["applied"] + sum(s["rejected"].values()) == pushes
+    assert s["test_accuracy"] >= 0.88, s["test_accuracy"]  # S = 1 and S = 2 both gave ~0.92

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import numpy as np
 
 from dbnps.common import rma
 from dbnps.common.config import load
@@ -19,6 +20,7 @@ from dbnps.common.mnist import shard
 @click.option("--inject-nan-every", type=int, default=1, hidden=True)
 @click.option("--inject-sleep-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-sleep-s", type=float, default=0.0, hidden=True)
+@click.option("--inject-step-s", type=float, default=0.0, hidden=True)
 @exit_on_user_error
 def main(config_path, data_dir, **inject) -> None:
     from dbnps.worker.worker import Faults, Worker
@@ -26,16 +28,22 @@ def main(config_path, data_dir, **inject) -> None:
     cfg = load(config_path)
     topo = rma.Topology.discover("worker")
     layout = layout_of(cfg)
-    data = load_data(cfg, data_dir)
-    X, y = shard(data.X_train, data.y_train, topo.worker_index, topo.n_workers)
+    if inject["inject_synthetic_grad"] is None:
+        data = load_data(cfg, data_dir)
+        X, y = shard(data.X_train, data.y_train, topo.worker_index, topo.n_workers)
+        n_train = len(data.y_train)
+    else:  # a synthetic pusher needs no images (benchmarks run 64 of them on 2 cores)
+        X, y = np.zeros((0, 784), np.float32), np.zeros(0, np.uint8)
+        n_train = cfg.data.train_subset or 60000
     faults = Faults(
         synthetic_grad=inject["inject_synthetic_grad"],
         nan_worker=inject["inject_nan_worker"],
         nan_every=inject["inject_nan_every"],
         sleep_worker=inject["inject_sleep_worker"],
         sleep_s=inject["inject_sleep_s"],
+        step_s=inject["inject_step_s"],
     )
-    worker = Worker(cfg, topo, layout, X, y, len(data.y_train), faults=faults)
+    worker = Worker(cfg, topo, layout, X, y, n_train, faults=faults)
     worker.run()
     worker.finish()
 

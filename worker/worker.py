@@ -33,6 +33,7 @@ class Faults:
     nan_every: int = 1
     sleep_worker: int = -1  # this worker sleeps `sleep_s` per step (a laggard)
     sleep_s: float = 0.0
+    step_s: float = 0.0  # every worker sleeps this per step: compute emulated off-CPU (benchmarks)
 
 
 class Worker:
@@ -69,6 +70,8 @@ class Worker:
         f = self.faults
         if f.sleep_worker == self.me and f.sleep_s:
             time.sleep(f.sleep_s)
+        if f.step_s:
+            time.sleep(f.step_s)
         if self.sampler is not None:
             return self.sampler.step(self.params, self.grad, epoch=epoch)
         lo, hi = self.layout.phase_range(phase)

@@ -1,0 +1,239 @@
+"""Checkpoints: one self-verifying `.npz` file per checkpoint, written atomically.
+
+A checkpoint holds the whole flat parameter vector (rank 0 gathers it from
+every server shard), the update rule's state, the schedule counters (phase,
+samples into the phase, version), the resolved config and a SHA256 digest of
+all of that.  Layout of `<run_dir>/checkpoints/ckpt-<version>.npz`::
+
+    params        float32[n_params]     the flat vector (see dbnps.common.layout)
+    rule.<name>   float32[...]          update-rule state of server rank 0's shard
+    meta          uint8[...]            UTF-8 JSON: counters, config, shard bounds
+    sha256        uint8[64]             hex digest over every entry above
+
+Taking a checkpoint has two halves: `snapshot` copies what is needed out of
+the live windows and must run on the main thread (it calls MPI); `write`
+does the disk work (tmp file, fsync, rename, fsync of the directory) and may
+run on any thread.  Only the newest `keep` files are kept.
+
+Minimal on purpose: with several server ranks only rank 0's update-rule state
+is saved (`meta["rule_shard"]` says which slice); resuming is a later issue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dbnps.common.errors import DataError
+
+FORMAT = "dbnps-checkpoint/1"
+_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
+
+
+@dataclass
+class Snapshot:
+    params: np.ndarray
+    rule_state: dict[str, np.ndarray]
+    meta: dict
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    version: int
+    phase: str
+    size_bytes: int
+    created_unix: float
+    sha256: str
+    duration_s: float = 0.0
+
+
+@dataclass
+class _Stats:
+    written: int = 0
+    seconds_total: float = 0.0
+    last_duration_s: float = 0.0
+    last_time: float = 0.0
+    last: CheckpointInfo | None = None
+
+
+def snapshot(ps, *, job_id: str = "", note: str = "", stop_phase: int | None = None) -> Snapshot:
+    """Copy parameters, rule state and counters out of a ParameterServer (main thread only)."""
+    st = ps.state
+    params = np.empty(ps.layout.size, dtype=np.float32)
+    ps.ps.gather_params(params)
+    rule_state = {k: np.array(v, copy=True) for k, v in ps.rule.state().items()}
+    phase = st.phase if stop_phase is None else stop_phase
+    meta = {
+        "format": FORMAT,
+        "job_id": job_id,
+        "note": note,
+        "created_unix": time.time(),
+        "version": int(st.version),
+        "phase": int(phase),
+        "phase_name": st.phase_names[min(phase, len(st.phase_names) - 1)],
+        "samples_in_phase": int(st.samples_in_phase),
+        "phase_samples": int(st.phase_samples),
+        "n_train": int(st.n_train),
+        "applied": int(st.applied_total),
+        "rejected": dict(st.rejected),
+        "stopped": bool(st.stopped),
+        "update_rule": ps.rule.name,
+        "rule_shard": [int(ps.lo), int(ps.hi)],
+        "shard_bounds": [list(b) for b in ps.win.bounds],
+        "n_params": int(ps.layout.size),
+        "config": ps.cfg.to_dict(),
+    }
+    return Snapshot(params, rule_state, meta)
+
+
+def _digest(arrays: dict[str, np.ndarray], meta_bytes: bytes) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    h.update(b"meta\n")
+    h.update(meta_bytes)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """The checkpoints of one run directory; thread-safe."""
+
+    def __init__(self, directory: Path, keep: int = 3):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.dir = Path(directory)
+        self.keep = keep
+        self.stats = _Stats()
+        self._lock = threading.Lock()
+
+    def write(self, snap: Snapshot) -> CheckpointInfo:
+        t0 = time.perf_counter()
+        arrays = {"params": snap.params}
+        arrays.update({f"rule.{k}": v for k, v in snap.rule_state.items()})
+        meta_bytes = json.dumps(snap.meta, sort_keys=True, default=float).encode()
+        digest = _digest(arrays, meta_bytes)
+        entries = {
+            **arrays,
+            "meta": np.frombuffer(meta_bytes, dtype=np.uint8),
+            "sha256": np.frombuffer(digest.encode(), dtype=np.uint8),
+        }
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            final = self.dir / f"ckpt-{int(snap.meta['version'])}.npz"
+            tmp = self.dir / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **entries)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(self.dir)
+            self._prune()
+            dt = time.perf_counter() - t0
+            info = CheckpointInfo(
+                path=final,
+                version=int(snap.meta["version"]),
+                phase=str(snap.meta["phase_name"]),
+                size_bytes=final.stat().st_size,
+                created_unix=float(snap.meta["created_unix"]),
+                sha256=digest,
+                duration_s=dt,
+            )
+            s = self.stats
+            s.written += 1
+            s.seconds_total += dt
+            s.last_duration_s = dt
+            s.last_time = time.time()
+            s.last = info
+        return info
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest (lowest version) first."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def count(self) -> int:
+        return len(self.paths())
+
+    def _prune(self) -> None:
+        for p in self.paths()[: -self.keep]:
+            p.unlink(missing_ok=True)
+
+    def list(self) -> list[CheckpointInfo]:
+        out = []
+        for p in self.paths():
+            try:
+                out.append(info_of(p))
+            except (OSError, DataError):
+                continue  # pruned or replaced while listing, or not ours
+        return out
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict, str, bytes]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable checkpoint ({exc})") from exc
+    if "meta" not in arrays or "sha256" not in arrays or "params" not in arrays:
+        raise DataError(f"{path}: not a dbnps checkpoint (missing entries)")
+    meta_bytes = arrays.pop("meta").tobytes()
+    digest = arrays.pop("sha256").tobytes().decode("ascii", "replace")
+    try:
+        meta = json.loads(meta_bytes)
+    except ValueError as exc:
+        raise DataError(f"{path}: corrupt checkpoint metadata") from exc
+    return arrays, meta, digest, meta_bytes
+
+
+def info_of(path: Path) -> CheckpointInfo:
+    """Describe a checkpoint file (reads it; does not verify the digest)."""
+    _, meta, digest, _ = _read(path)
+    return CheckpointInfo(
+        path=Path(path),
+        version=int(meta.get("version", -1)),
+        phase=str(meta.get("phase_name", "")),
+        size_bytes=Path(path).stat().st_size,
+        created_unix=float(meta.get("created_unix", 0.0)),
+        sha256=digest,
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """(params, rule_state, meta) of a checkpoint, after verifying its SHA256 digest."""
+    arrays, meta, digest, meta_bytes = _read(Path(path))
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if _digest(arrays, meta_bytes) != digest:
+        raise DataError(f"{path}: checksum mismatch (the file is corrupt)")
+    params = arrays.pop("params")
+    rule = {k.removeprefix("rule."): v for k, v in arrays.items() if k.startswith("rule.")}
+    return params, rule, meta

@@ -1,0 +1,559 @@
+"""gRPC control plane of a job, served by parameter-server rank 0 beside the training loop.
+
+Threads and MPI: the gRPC server runs in its own thread pool, but only the
+main thread may call MPI.  Handlers therefore never touch the windows:
+
+* `GetStatus` and the Prometheus collector read `ServerState` directly (the
+  live object the loop mutates; never a copy).  The workers' stats rows live
+  in the window, so the main thread refreshes `state.worker_stats` from
+  `on_tick` every `refresh_s` seconds.
+* `Checkpoint` and `Stop` put a request on a queue and wait (with a timeout)
+  for the main thread to execute it from `on_tick`, the hook
+  `ParameterServer.run` calls on every loop iteration.  For a checkpoint the
+  main thread only takes the snapshot (MPI gathers); the disk work happens
+  back on the handler's thread.
+
+Lifecycle (driven by `dbnps.server.__main__`)::
+
+    cp = ControlPlane(...); cp.start()     # health NOT_SERVING, endpoints.json written
+    ps = ParameterServer(..., on_tick=cp.on_tick); cp.attach(ps)    # SERVING
+    ps.run()
+    cp.after_run(ps)     # NOT_SERVING; pending requests served; final checkpoint if stopped
+    ps.finish(...)
+    cp.close()
+
+Security: bound to 127.0.0.1 unless `bind` says otherwise; `Checkpoint` and
+`Stop` need `authorization: Bearer <token>` metadata (UNAUTHENTICATED
+otherwise; with no token configured they are refused); optional TLS.
+Request bytes are decoded by the handlers themselves so that a malformed
+request is INVALID_ARGUMENT, never an exception in the server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import os
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dbnps.common import rma
+from dbnps.common.config import Config
+from dbnps.common.errors import UserError
+from dbnps.server import checkpoint as ckpt
+from dbnps.server.state import STALENESS_BUCKETS, ServerState
+from dbnps.v1 import control_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # "dbnps.v1.Control"
+HEARTBEAT_TIMEOUT_S = 10.0  # a worker silent for longer is reported as lost
+MAX_NOTE = 256
+MAX_TIMEOUT_S = 3600.0
+
+_WORKER_STATES = {0.0: "starting", rma.STATE_RUNNING: "running", rma.STATE_DONE: "done"}
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Request:
+    kind: str  # "snapshot" | "stop"
+    args: dict
+    future: futures.Future
+
+
+def host_port(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def connect_host(bind: str) -> str:
+    """The address a local client uses to reach a server bound to `bind`."""
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind in ("::", "[::]"):
+        return "::1"
+    return bind
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read token file {path}: {exc.strerror}") from exc
+    if not token:
+        raise UserError(f"token file {path} is empty")
+    return token
+
+
+def write_token(path: Path, token: str) -> None:
+    """Create `path` with mode 0600 (fails if it exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        job_id: str,
+        run_dir: Path,
+        bind: str = "127.0.0.1",
+        grpc_port: int = 0,
+        metrics_port: int | None = None,
+        token: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        keep_checkpoints: int = 3,
+        request_timeout_s: float = 60.0,
+        refresh_s: float = 0.2,
+        n_servers: int = 1,
+        n_workers: int = 0,
+        log=print,
+    ):
+        self.cfg = cfg
+        self.job_id = job_id
+        self.run_dir = Path(run_dir)
+        self.bind = bind
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self._token = token.encode() if token else None
+        self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        self.request_timeout_s = request_timeout_s
+        self.refresh_s = refresh_s
+        self.n_servers, self.n_workers = n_servers, n_workers
+        self.log = log
+        self.store = ckpt.CheckpointStore(self.run_dir / "checkpoints", keep=keep_checkpoints)
+        self.ps = None
+        self.state: ServerState | None = None  # the live state once attached
+        self.start_time = time.time()
+        self.stopping = False
+        self.grpc_address = ""
+        self.metrics_address = ""
+        self._requests: deque[_Request] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop_phase: int | None = None
+        self._final: futures.Future = futures.Future()
+        self._next_refresh = 0.0
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._metrics_httpd = None
+
+    # -- lifecycle (main thread) --------------------------------------------
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        target = host_port(self.bind, self.grpc_port)
+        try:
+            if self.tls:
+                cert, key = (p.read_bytes() for p in self.tls)
+                creds = grpc.ssl_server_credentials([(key, cert)])
+                port = server.add_secure_port(target, creds)
+            else:
+                port = server.add_insecure_port(target)
+        except OSError as exc:
+            raise UserError(f"cannot read TLS files: {exc}") from exc
+        except RuntimeError as exc:
+            raise UserError(f"cannot bind the gRPC port {target} (in use?): {exc}") from exc
+        if not port:
+            raise UserError(f"cannot bind the gRPC port {target} (in use?)")
+        server.start()
+        self._server = server
+        self.grpc_address = host_port(connect_host(self.bind), port)
+        if self.metrics_port is not None:
+            from dbnps.server.metrics import start_metrics_server
+
+            self._metrics_httpd, mport = start_metrics_server(self, self.bind, self.metrics_port)
+            self.metrics_address = host_port(connect_host(self.bind), mport)
+        write_json_atomic(
+            self.run_dir / "endpoints.json",
+            {
+                "job_id": self.job_id,
+                "grpc": self.grpc_address,
+                "metrics": self.metrics_address,
+                "bind": self.bind,
+                "tls": self.tls is not None,
+                "pid": os.getpid(),
+            },
+        )
+        self.log(
+            f"[control] gRPC on {self.grpc_address}"
+            + (
+                f", metrics on http://{self.metrics_address}/metrics"
+                if self.metrics_address
+                else ""
+            )
+        )
+
+    def attach(self, ps) -> None:
+        """The windows exist: status and mutating calls can be served."""
+        self.ps = ps
+        self.n_servers, self.n_workers = ps.topo.n_servers, ps.topo.n_workers
+        self._refresh(ps)
+        self.state = ps.state
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def on_tick(self, ps) -> None:
+        """Called by `ParameterServer.run` on every iteration: keep it cheap."""
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.refresh_s
+            self._refresh(ps)
+        if self._requests:
+            self._drain(ps)
+
+    def after_run(self, ps) -> ckpt.CheckpointInfo | None:
+        """Every worker has left; windows still exist.  Returns the final checkpoint, if any."""
+        with self._lock:
+            self._closed = True
+        self.stopping = True
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._refresh(ps)
+        self._drain(ps)
+        info = None
+        if ps.state.stopped:
+            try:
+                info = self.store.write(
+                    ckpt.snapshot(ps, job_id=self.job_id, note="stop", stop_phase=self._stop_phase)
+                )
+                self.log(f"[control] final checkpoint {info.path}")
+            except Exception as exc:  # the job still finishes; the Stop caller is told
+                self._final.set_exception(exc)
+                self.log(f"[control] final checkpoint failed: {exc}")
+                return None
+        self._final.set_result(info)
+        return info
+
+    def close(self, grace_s: float = 3.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 1)
+            self._server = None
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
+
+    # -- main-thread work ----------------------------------------------------
+    def _refresh(self, ps) -> None:
+        st = ps.state
+        stats = ps.ps.read_stats()
+        st.worker_stats = stats  # one reference swap: readers see the old or the new array
+        seen = stats[:, rma.HEARTBEAT] > 0
+        if seen.any():
+            st.loss = float(np.mean(stats[seen, rma.LOSS]))
+
+    def _drain(self, ps) -> None:
+        while self._requests:
+            req = self._requests.popleft()
+            if not req.future.set_running_or_notify_cancel():
+                continue  # the caller gave up waiting
+            try:
+                if req.kind == "snapshot":
+                    req.future.set_result(ckpt.snapshot(ps, job_id=self.job_id, **req.args))
+                elif req.kind == "stop":
+                    if not ps.state.stopped:
+                        if ps.state.phase < ps.layout.done_phase:
+                            self._stop_phase = ps.state.phase
+                        ps.request_stop()
+                    self.stopping = True
+                    self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                    req.future.set_result(True)
+                else:
+                    raise ValueError(f"unknown request {req.kind!r}")
+            except Exception as exc:  # never let a control request kill training
+                req.future.set_exception(exc)
+
+    def _submit(self, kind: str, timeout_s: float, **args):
+        with self._lock:
+            if self._closed or self.ps is None:
+                state = "finishing" if self._closed else "starting (windows not ready)"
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the job is {state}")
+            req = _Request(kind, args, futures.Future())
+            self._requests.append(req)
+        try:
+            return req.future.result(timeout=timeout_s)
+        except futures.TimeoutError:
+            req.future.cancel()
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the training loop did not take the request within {timeout_s:.0f}s",
+            ) from None
+
+    def _set_health(self, status) -> None:
+        self._health.set("", status)
+        self._health.set(SERVICE, status)
+
+    # -- RPC plumbing ----------------------------------------------------------
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def unary(fn, req_cls, resp_cls, mutating: bool):
+            def handler(raw: bytes, context: grpc.ServicerContext):
+                try:
+                    if mutating:
+                        self._authorize(context)
+                    req = req_cls()
+                    try:
+                        req.ParseFromString(raw)
+                    except (DecodeError, RuntimeError, ValueError) as exc:
+                        raise RpcError(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"
+                        ) from None
+                    return fn(req, context)
+                except RpcError as exc:
+                    code, msg = exc.code, exc.message
+                except Exception as exc:
+                    self.log(f"[control] {fn.__name__} failed: {exc!r}")
+                    code, msg = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+                context.abort(code, msg)
+
+            return grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=None, response_serializer=resp_cls.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GetStatus": unary(self.get_status, pb.GetStatusRequest, pb.Status, False),
+                "Checkpoint": unary(
+                    self.checkpoint, pb.CheckpointRequest, pb.CheckpointReply, True
+                ),
+                "ListCheckpoints": unary(
+                    self.list_checkpoints, pb.ListCheckpointsRequest, pb.ListCheckpointsReply, False
+                ),
+                "Stop": unary(self.stop, pb.StopRequest, pb.StopReply, True),
+            },
+        )
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self._token is None:
+            raise RpcError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this job has no token configured: mutating calls are disabled",
+            )
+        values = [v for k, v in context.invocation_metadata() if k == "authorization"]
+        if not values:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing authorization metadata")
+        value = values[0].encode() if isinstance(values[0], str) else bytes(values[0])
+        scheme, _, presented = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "invalid token")
+
+    # -- RPCs (gRPC threads: no MPI here) -------------------------------------
+    def get_status(self, req: pb.GetStatusRequest, context) -> pb.Status:
+        return self.status_message(include_history=req.include_history)
+
+    def checkpoint(self, req: pb.CheckpointRequest, context) -> pb.CheckpointReply:
+        if len(req.note) > MAX_NOTE:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"note longer than {MAX_NOTE} characters"
+            )
+        t0 = time.perf_counter()
+        snap = self._submit("snapshot", self.request_timeout_s, note=req.note)
+        info = self.store.write(snap)
+        self.log(f"[control] checkpoint {info.path} (version {info.version})")
+        return pb.CheckpointReply(
+            checkpoint=_info_pb(info), duration_seconds=time.perf_counter() - t0
+        )
+
+    def list_checkpoints(self, req: pb.ListCheckpointsRequest, context) -> pb.ListCheckpointsReply:
+        if req.limit < 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "limit must be >= 0")
+        infos = self.store.list()
+        if req.limit:
+            infos = infos[-req.limit :]
+        return pb.ListCheckpointsReply(checkpoints=[_info_pb(i) for i in infos])
+
+    def stop(self, req: pb.StopRequest, context) -> pb.StopReply:
+        t = req.timeout_seconds
+        if not math.isfinite(t) or t < 0 or t > MAX_TIMEOUT_S:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_seconds must be in [0, {MAX_TIMEOUT_S:.0f}], got {t}",
+            )
+        timeout = t or 120.0
+        if not self._final.done():
+            self._submit("stop", min(timeout, self.request_timeout_s))
+        self.log("[control] stop requested over gRPC")
+        reply = pb.StopReply(stopping=True)
+        if req.wait:
+            try:
+                info = self._final.result(timeout=timeout)
+            except futures.TimeoutError:
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"stopping, but the final checkpoint was not written within {timeout:.0f}s",
+                ) from None
+            if info is not None:
+                reply.final_checkpoint.CopyFrom(_info_pb(info))
+        return reply
+
+    # -- status ----------------------------------------------------------------
+    def status_message(self, include_history: bool = False) -> pb.Status:
+        cfg = self.cfg
+        st = self.state
+        msg = pb.Status(
+            job_id=self.job_id,
+            ready=st is not None and not self.stopping,
+            stopping=self.stopping,
+            metrics_address=self.metrics_address,
+            uptime_seconds=time.time() - self.start_time,
+            checkpoints=self.store.count(),
+        )
+        c = msg.config
+        c.sizes.extend(cfg.model.sizes)
+        c.classes = cfg.model.classes
+        c.update_rule = cfg.ps.update_rule
+        c.n_fetch, c.n_push = cfg.ps.n_fetch, cfg.ps.n_push
+        c.staleness_bound, c.sync = cfg.ps.staleness_bound, cfg.ps.sync
+        c.pretrain_epochs, c.finetune_epochs = cfg.pretrain.epochs, cfg.finetune.epochs
+        c.n_servers, c.n_workers = self.n_servers, self.n_workers
+        c.config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+        if st is None:
+            msg.phase = msg.progress.phase = "starting"
+            return msg
+        ps = self.ps
+        c.train_samples = st.n_train
+        c.n_params = ps.layout.size
+        msg.phase = st.phase_name
+        p = msg.progress
+        p.phase, p.phase_index = st.phase_name, st.phase
+        p.n_phases = ps.layout.done_phase
+        p.samples_in_phase, p.phase_samples = st.samples_in_phase, st.phase_samples
+        p.epoch = st.epoch
+        p.phase_epochs = st.phase_samples / st.n_train if st.n_train else 0.0
+        p.fraction = min(st.samples_in_phase / st.phase_samples, 1.0) if st.phase_samples else 0.0
+        msg.version = st.version
+        msg.updates_applied = st.applied_total
+        rejected = {name: 0 for name in rma.RESULT_NAMES.values() if name != "applied"}
+        rejected.update(dict(st.rejected))
+        msg.updates_rejected.update(rejected)
+        msg.bytes_received = st.bytes_in
+        counts = st.staleness_counts.copy()
+        n = int(counts.sum())
+        s = msg.staleness
+        s.count, s.sum, s.max = n, st.staleness_sum, st.staleness_max
+        s.mean = st.staleness_sum / n if n else 0.0
+        s.bucket_upper_bounds.extend(STALENESS_BUCKETS)
+        s.counts.extend(int(x) for x in counts)
+        now = time.time()
+        stats = st.worker_stats
+        applied, rejected_w = st.worker_applied.copy(), st.worker_rejected.copy()
+        for w in range(st.n_workers):
+            row = stats[w]
+            beat = float(row[rma.HEARTBEAT])
+            age = now - beat if beat > 0 else -1.0
+            state = _WORKER_STATES.get(float(row[rma.STATE]), "unknown")
+            alive = state != "done" and (beat == 0 or age < HEARTBEAT_TIMEOUT_S)
+            if beat > 0 and state != "done" and age >= HEARTBEAT_TIMEOUT_S:
+                state = "lost"
+            msg.workers.add(
+                worker=w,
+                rank=st.n_servers + w,
+                state=state,
+                alive=alive,
+                steps=int(row[rma.STEPS]),
+                samples=int(row[rma.ST_SAMPLES]),
+                samples_per_second=float(row[rma.RATE]),
+                heartbeat_age_seconds=age,
+                loss=float(row[rma.LOSS]),
+                pushes=int(row[rma.PUSHES]),
+                pulls=int(row[rma.PULLS]),
+                updates_applied=int(applied[w]),
+                updates_rejected=int(rejected_w[w]),
+            )
+        msg.samples_per_second = float(stats[:, rma.RATE].sum())
+        if st.loss == st.loss:
+            msg.has_loss, msg.loss = True, st.loss
+        if st.test_accuracy == st.test_accuracy:
+            msg.has_test_accuracy, msg.test_accuracy = True, st.test_accuracy
+        if include_history:
+            msg.history_json.extend(json.dumps(e, default=float) for e in list(st.history))
+        return msg
+
+
+def _info_pb(info: ckpt.CheckpointInfo) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        path=str(info.path),
+        version=info.version,
+        phase=info.phase,
+        size_bytes=info.size_bytes,
+        created_unix=info.created_unix,
+        sha256=info.sha256,
+    )
+
+
+def make_control_plane(
+    cfg: Config,
+    *,
+    out: Path | None,
+    run_dir: Path | None,
+    job_id: str | None,
+    grpc_port: int | None,
+    metrics_port: int | None,
+    bind: str,
+    token_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    keep_checkpoints: int,
+) -> ControlPlane:
+    """The control plane from `python -m dbnps.server` options (rank 0)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    if run_dir is None:
+        run_dir = out.parent if out is not None else Path.cwd()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if token_file is not None:
+        token = read_token(token_file)
+    else:  # a fresh token next to the run's files, readable by the owner only
+        path = run_dir / "token"
+        if not path.exists():
+            import secrets
+
+            write_token(path, secrets.token_urlsafe(32))
+        token = read_token(path)
+    return ControlPlane(
+        cfg,
+        job_id=job_id or run_dir.resolve().name,
+        run_dir=run_dir,
+        bind=bind,
+        grpc_port=grpc_port or 0,
+        metrics_port=metrics_port,
+        token=token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        keep_checkpoints=keep_checkpoints,
+    )
