@@ -1,0 +1,177 @@
+"""Single-process trainer: PreTrainDBN then FineTuneDBN with one `StepGradient`.
+
+This is the reference the parameter server must reproduce: with one worker and
+synchronous pushes it draws the same seeds (`init rng = default_rng(seed)`,
+step rng of worker w = ``default_rng([seed, 1, w])``), applies the same update
+rule to the same phase range with the same (lr, momentum) schedule, and so ends
+with bit-identical parameters.
+
+Per phase: reset the update rule, `begin_phase`, then steps until the phase
+has seen ``epochs * n_train`` samples (fractional epochs allowed; the last step
+may overshoot by less than one minibatch).  Each step::
+
+    lo, hi = layout.phase_range(phase)
+    lr, mom = hyper(cfg, phase, L, epoch)          # epoch = samples seen / n_train
+    loss, n = sg.step(params, grad, epoch=epoch)
+    rule.apply(params.flat[lo:hi], grad.flat[lo:hi], lr, mom, lo)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dbnps.common.config import Config
+from dbnps.common.dbn import accuracy, init_params
+from dbnps.common.errors import UserError
+from dbnps.common.layout import Layout, Params
+from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.steps import StepGradient
+from dbnps.common.updaters import make_rule
+
+EpochCallback = Callable[[dict[str, Any], Params], Any]
+
+
+def init_rng(seed: int) -> np.random.Generator:
+    """The generator of `init_params` (server and single process alike)."""
+    return np.random.default_rng(seed)
+
+
+def step_rng(seed: int, worker: int = 0) -> np.random.Generator:
+    """The generator of worker `worker`'s StepGradient (the single process is worker 0)."""
+    return np.random.default_rng([seed, 1, worker])
+
+
+def apply_subsets(cfg: Config, data: Any) -> tuple[np.ndarray, ...]:
+    """(X_train, y_train, X_test, y_test) cut to [data] train_subset / test_subset (0: all)."""
+    n_tr = cfg.data.train_subset or len(data.X_train)
+    n_te = cfg.data.test_subset or len(data.X_test)
+    return data.X_train[:n_tr], data.y_train[:n_tr], data.X_test[:n_te], data.y_test[:n_te]
+
+
+def train_local(
+    cfg: Config,
+    data: Any,
+    *,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[Params, list[dict[str, Any]]]:
+    """Pretrain every RBM, then fine-tune, in this process; returns (params, history).
+
+    `data` has X_train, y_train, X_test, y_test (`dbnps.common.mnist.MNIST`).
+    `history` holds one record per epoch (and one at each phase end): phase,
+    epoch (float), loss (mean recon error or cross-entropy over the epoch),
+    test_acc (fine-tuning, every [run] eval_every_epochs; else None), steps,
+    elapsed_s.  `on_epoch(record, params)` is called after each record; a true
+    return value stops training (e.g. a time-to-accuracy benchmark).
+    [run] max_steps > 0 caps the total number of steps.
+    """
+    layout = Layout(cfg.model.sizes, cfg.model.classes)
+    L = layout.n_layers
+    X, y, X_test, y_test = apply_subsets(cfg, data)
+    n_train = len(X)
+    params = init_params(layout, init_rng(cfg.run.seed), X)
+    grad = layout.zeros()
+    sg = StepGradient(layout, cfg, X, y, step_rng(cfg.run.seed, 0))
+    rule = make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
+    history: list[dict[str, Any]] = []
+    total_steps = 0
+    t0 = time.perf_counter()
+    use_tqdm_write = progress and log is print
+
+    def emit(msg: str) -> None:
+        if use_tqdm_write:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            log(msg)
+
+    log_layout = f"{layout!r}: {n_train} training / {len(X_test)} test images"
+    emit(log_layout)
+    stop = False
+    for phase in range(L + 1):
+        target = round(phase_epochs(cfg, phase, L) * n_train)
+        if target <= 0 or stop:
+            continue
+        name = layout.phase_name(phase)
+        rule.reset()
+        t_phase = time.perf_counter()
+        sg.begin_phase(phase, params)
+        lo, hi = layout.phase_range(phase)
+        p_sl, g_sl = params.flat[lo:hi], grad.flat[lo:hi]
+        finetune = phase == L
+        eval_every = cfg.run.eval_every_epochs
+        bar = _bar(progress, target, name)
+        done = 0
+        loss_sum, loss_n = 0.0, 0
+        while done < target:
+            if cfg.run.max_steps and total_steps >= cfg.run.max_steps:
+                stop = True
+                break
+            epoch = done / n_train
+            lr, mom = hyper(cfg, phase, L, epoch)
+            loss, n = sg.step(params, grad, epoch=epoch)
+            rule.apply(p_sl, g_sl, lr, mom, lo)
+            if not math.isfinite(loss):
+                raise UserError(
+                    f"training diverged in {name} at epoch {epoch:.2f} (loss {loss}); "
+                    f"lower the learning rate"
+                )
+            prev, done = done, done + n
+            total_steps += 1
+            loss_sum += loss * n
+            loss_n += n
+            if bar is not None:
+                bar.update(n)
+            crossed = int(done // n_train) > int(prev // n_train)
+            if not (crossed or done >= target):
+                continue
+            ep = done / n_train
+            test_acc = None
+            if finetune and (
+                done >= target or int(ep / eval_every) > int((prev / n_train) / eval_every)
+            ):
+                test_acc = accuracy(params, X_test, y_test)
+            rec = {
+                "phase": name,
+                "phase_index": phase,
+                "epoch": round(ep, 6),
+                "loss": loss_sum / loss_n,
+                "test_acc": test_acc,
+                "lr": lr,
+                "momentum": mom,
+                "steps": total_steps,
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            history.append(rec)
+            what = "loss" if finetune else "recon"
+            msg = f"[{name}] epoch {ep:6.2f}  {what} {rec['loss']:.5f}"
+            if test_acc is not None:
+                msg += f"  test acc {100 * test_acc:.2f}%"
+            msg += f"  lr {lr:.4g} mom {mom:.2f}  {rec['elapsed_s']:.1f}s"
+            emit(msg)
+            loss_sum, loss_n = 0.0, 0
+            if on_epoch is not None and on_epoch(rec, params):
+                stop = True
+                break
+        if bar is not None:
+            bar.close()
+        emit(f"[{name}] done: {done / n_train:.2f} epochs in {time.perf_counter() - t_phase:.1f}s")
+        if stop:
+            break
+    return params, history
+
+
+def _bar(progress: bool, total: int, name: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="img", unit_scale=True, leave=False, file=sys.stderr)
