@@ -66,6 +66,7 @@ class PSConfig:
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
+    heartbeat_timeout_s: float = 30.0  # a worker silent this long is marked dead
 
 
 @dataclass
@@ -74,6 +75,7 @@ class RunConfig:
     eval_every_epochs: float = 1.0  # fine-tune test evaluation period
     max_steps: int = 0  # 0: no limit; else stop each worker after this many steps (tests)
     log_every_s: float = 5.0
+    target_accuracy: float = 0.0  # 0: off; else fine-tuning stops once rank 0's test accuracy >= it
 
 
 @dataclass
@@ -186,8 +188,16 @@ def validate(cfg: Config) -> None:
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")
+    _check(
+        p.heartbeat_timeout_s > 0,
+        f"[ps] heartbeat_timeout_s must be > 0, got {p.heartbeat_timeout_s}",
+    )
     _check(cfg.run.eval_every_epochs > 0, "[run] eval_every_epochs must be > 0")
     _check(cfg.run.max_steps >= 0, "[run] max_steps must be >= 0")
+    _check(
+        0 <= cfg.run.target_accuracy <= 1,
+        f"[run] target_accuracy must be in [0, 1] (0: off), got {cfg.run.target_accuracy}",
+    )
 
 
 def load(path: str | Path | None) -> Config:

@@ -14,10 +14,12 @@ Window layout on server rank s, which owns the flat-vector shard [base_s, base_s
 (K workers, worker w = world rank S + w)::
 
   pwin  (disp_unit 1, bytes)                         writers: server s only
-  +---------+-------+---------+------+-----------------------------------+
-  | VERSION | PHASE | SAMPLES | STOP | params float32[n_s]               |
-  +---------+-------+---------+------+-----------------------------------+
-   int64 x 4 (32 bytes; PHASE/SAMPLES/STOP authoritative on rank 0)
+  +---------+-------+---------+------+---------+------------------+---------------------+
+  | VERSION | PHASE | SAMPLES | STOP | MEMBERS | DEAD[ceil(K/64)] | params float32[n_s] |
+  +---------+-------+---------+------+---------+------------------+---------------------+
+   int64 words, padded to an even count (PHASE..DEAD authoritative on rank 0):
+   STOP 1 = workers leave now, 2 = every worker has left (servers leave);
+   MEMBERS counts membership changes; DEAD is a bitmask of dead workers.
 
   swin  (disp_unit 4, float32)                       writer of slot w: worker w
   +----------------+----------------+-----+------------------+
@@ -63,9 +65,24 @@ import numpy as np
 from mpi4py import MPI
 
 # -- layout constants -------------------------------------------------------
-HDR_WORDS = 4
-HDR_BYTES = 8 * HDR_WORDS
-VERSION, PHASE, SAMPLES, STOP = range(HDR_WORDS)
+VERSION, PHASE, SAMPLES, STOP, MEMBERS, DEAD = range(6)
+STOP_WORKERS, STOP_ALL = 1, 2
+
+
+def header_words(n_workers: int) -> int:
+    """int64 words of the pwin header for K workers (even: params stay 16-byte aligned)."""
+    n = DEAD + (n_workers + 63) // 64
+    return n + (n % 2)
+
+
+def dead_set(header: np.ndarray, n_workers: int) -> set[int]:
+    """Worker indices marked dead in a header's DEAD bitmask."""
+    out = set()
+    for w in range(n_workers):
+        if (int(header[DEAD + w // 64]) >> (w % 64)) & 1:
+            out.add(w)
+    return out
+
 
 MB_WORDS = 8
 PUSH_SEQ, ACK_SEQ, PULLED, N_SAMPLES, MB_PHASE, RESULT, LO, HI = range(MB_WORDS)
@@ -134,13 +151,40 @@ class Windows:
         server = topo.is_server
         self.n_s = n_s
         comm = topo.comm
-        self.pwin = MPI.Win.Allocate(HDR_BYTES + 4 * n_s if server else 0, 1, comm=comm)
+        self.hdr_words = header_words(K)
+        self.hdr_bytes = 8 * self.hdr_words
+        self.pwin = MPI.Win.Allocate(self.hdr_bytes + 4 * n_s if server else 0, 1, comm=comm)
         self.swin = MPI.Win.Allocate(4 * K * n_s if server else 0, 4, comm=comm)
         self.cwin = MPI.Win.Allocate(8 * 2 * K * MB_WORDS if server else 0, 8, comm=comm)
+
+        for w in (self.pwin, self.swin, self.cwin):
+            w.Set_errhandler(MPI.ERRORS_RETURN)
 
     def free(self) -> None:
         for w in (self.pwin, self.swin, self.cwin):
             w.Free()
+
+
+def finalize(topo: Topology, windows: Windows) -> bool:
+    """Collective end of a job that also works after a rank died (ULFM).
+
+    `Agree` reports a process failure uniformly to every survivor; then the
+    survivors acknowledge it, shrink the communicator and meet there.  Returns
+    False when some rank had failed.  Without `--with-ft ulfm` a dead rank
+    takes the whole job down before we get here, so the first branch is taken.
+    """
+    comm = topo.comm
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    try:
+        comm.Agree(1)
+        healthy = True
+    except MPI.Exception:
+        comm.Ack_failed()
+        comm.Agree(1)
+        healthy = False
+    (comm if healthy else comm.Shrink()).Barrier()
+    windows.free()
+    return healthy
 
 
 # -- worker side ------------------------------------------------------------
@@ -150,6 +194,8 @@ class PullInfo:
     phase: int
     samples: int  # samples applied so far in the phase (rank 0)
     stop: bool
+    members: int  # membership changes so far (rank 0); compare to notice a dead worker
+    dead: set[int]  # dead workers (rank 0)
 
 
 class PSClient:
@@ -163,7 +209,7 @@ class PSClient:
         S = self.topo.n_servers
         self.seq = 0  # pushes issued by this worker (same on every server)
         self.versions = np.zeros(S, dtype=np.int64)
-        self._hdr = np.zeros(HDR_WORDS, dtype=np.int64)
+        self._hdr = np.zeros(win.hdr_words, dtype=np.int64)
         self._meta = np.zeros(MB_WORDS - PULLED, dtype=np.int64)  # words PULLED..HI
         self._seq_buf = np.zeros(1, dtype=np.int64)
         self._one = np.zeros(1, dtype=np.int64)
@@ -179,10 +225,10 @@ class PSClient:
             yield s, a, b, blo
 
     def header(self, server: int = 0) -> np.ndarray:
-        """The header words of `server` (VERSION, PHASE, SAMPLES, STOP)."""
+        """The header words of `server` (VERSION, PHASE, SAMPLES, STOP, MEMBERS, DEAD...)."""
         pwin, hdr = self.w.pwin, self._hdr
         pwin.Lock(server, MPI.LOCK_SHARED)
-        pwin.Get([hdr, MPI.INT64_T], server, (0, HDR_WORDS, MPI.INT64_T))
+        pwin.Get([hdr, MPI.INT64_T], server, (0, hdr.size, MPI.INT64_T))
         pwin.Unlock(server)
         return hdr.copy()
 
@@ -190,19 +236,28 @@ class PSClient:
         """Copy parameters [lo, hi) into out[lo:hi]; one consistent snapshot per shard."""
         _check(out, np.float32, self.w.size)
         pwin, hdr = self.w.pwin, self._hdr
-        phase = samples = stop = 0
+        hb = self.w.hdr_bytes
+        info = None
         for s, a, b, blo in self._parts(lo, hi):
             pwin.Lock(s, MPI.LOCK_SHARED)
-            pwin.Get([hdr, MPI.INT64_T], s, (0, HDR_WORDS, MPI.INT64_T))
+            pwin.Get([hdr, MPI.INT64_T], s, (0, hdr.size, MPI.INT64_T))
             if b > a:
                 view = out[a:b]
-                pwin.Get([view, MPI.FLOAT], s, (HDR_BYTES + 4 * (a - blo), b - a, MPI.FLOAT))
+                pwin.Get([view, MPI.FLOAT], s, (hb + 4 * (a - blo), b - a, MPI.FLOAT))
             pwin.Unlock(s)
             self.versions[s] = hdr[VERSION]
             self.bytes_pulled += 4 * max(b - a, 0)
             if s == 0:
-                phase, samples, stop = int(hdr[PHASE]), int(hdr[SAMPLES]), bool(hdr[STOP])
-        return PullInfo(self.versions.copy(), phase, samples, stop)
+                info = PullInfo(
+                    self.versions,
+                    int(hdr[PHASE]),
+                    int(hdr[SAMPLES]),
+                    bool(hdr[STOP]),
+                    int(hdr[MEMBERS]),
+                    dead_set(hdr, self.topo.n_workers),
+                )
+        info.versions = self.versions.copy()
+        return info
 
     def acked(self, server: int) -> int:
         """ACK_SEQ of this worker's mailbox on `server` (atomic read)."""
@@ -333,15 +388,15 @@ class PSServer:
         self.lo, self.hi = win.bounds[self.me]
         K, n_s = self.topo.n_workers, win.n_s
         pmem = np.frombuffer(win.pwin.tomemory(), dtype=np.uint8)
-        self.header = pmem[:HDR_BYTES].view(np.int64)
-        self.params = pmem[HDR_BYTES:].view(np.float32)
+        self.header = pmem[: win.hdr_bytes].view(np.int64)
+        self.params = pmem[win.hdr_bytes :].view(np.float32)
         self.slots = np.frombuffer(win.swin.tomemory(), dtype=np.float32).reshape(K, n_s)
         self._mb = np.zeros((K, MB_WORDS), dtype=np.int64)
         self._mb_origin = np.zeros_like(self._mb)  # ignored by NO_OP; must not alias the result
         self._stats = np.zeros((K, ST_WORDS), dtype=np.float64)
         self._stats_origin = np.zeros_like(self._stats)
         self._word = np.zeros(1, dtype=np.int64)
-        self._hdr_remote = np.zeros(HDR_WORDS, dtype=np.int64)
+        self._hdr_remote = np.zeros(win.hdr_words, dtype=np.int64)
         self._acked = np.zeros(K, dtype=np.int64)
 
     # parameters and header: writers hold the exclusive lock
@@ -419,7 +474,7 @@ class PSServer:
         """Header words of another server rank (followers read rank 0's phase/stop)."""
         pwin, hdr = self.w.pwin, self._hdr_remote
         pwin.Lock(server, MPI.LOCK_SHARED)
-        pwin.Get([hdr, MPI.INT64_T], server, (0, HDR_WORDS, MPI.INT64_T))
+        pwin.Get([hdr, MPI.INT64_T], server, (0, hdr.size, MPI.INT64_T))
         pwin.Unlock(server)
         return hdr.copy()
 
@@ -433,7 +488,7 @@ class PSServer:
             if s == self.me:
                 view[...] = self.params
             elif bhi > blo:
-                pwin.Get([view, MPI.FLOAT], s, (HDR_BYTES, bhi - blo, MPI.FLOAT))
+                pwin.Get([view, MPI.FLOAT], s, (self.w.hdr_bytes, bhi - blo, MPI.FLOAT))
             pwin.Unlock(s)
 
 

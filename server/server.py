@@ -58,6 +58,7 @@ class ParameterServer:
         self._eval: Future | None = None
         self._next_eval = cfg.run.eval_every_epochs
         self._last_log = time.time()
+        self._last_refresh = 0.0
         first = self._next_nonempty_phase(0)
         self.ps.lock_params()
         self.ps.params[:] = init_flat[self.lo : self.hi]
@@ -98,10 +99,12 @@ class ParameterServer:
             self._record(final_of_phase=True)
         self._set_phase(self._next_nonempty_phase(st.phase + 1))
 
-    def _follow_rank0(self) -> None:
+    def _follow_rank0(self) -> bool:
+        """Copy rank 0's phase; True when rank 0 says every worker has left."""
         hdr = self.ps.remote_header(0)
         if int(hdr[rma.PHASE]) != self.state.phase:
             self._set_phase(int(hdr[rma.PHASE]))
+        return int(hdr[rma.STOP]) == rma.STOP_ALL
 
     def request_stop(self) -> None:
         """Rank 0, main thread: publish phase `done` + STOP; workers leave at their next pull."""
@@ -254,11 +257,10 @@ class ParameterServer:
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> ServerState:
-        """Serve until every worker has left (non-blocking barrier), then finish."""
+        """Serve until every worker is done or dead (rank 0 decides, followers copy)."""
         st = self.state
-        done_req = self.topo.comm.Ibarrier()
         pause = 1e-5
-        while not done_req.Test():
+        while True:
             pushes = self.ps.poll()
             if pushes:
                 t0 = time.perf_counter()
@@ -270,13 +272,56 @@ class ParameterServer:
                 pause = min(pause * 2, 5e-4)
             if self.topo.rank == 0:
                 self._rank0_tick()
-            elif st.phase < self.layout.done_phase and time.time() - self._last_log > 0.05:
+                if self._all_workers_left():
+                    break
+            elif time.time() - self._last_log > 0.05:
                 self._last_log = time.time()
-                self._follow_rank0()
+                if self._follow_rank0():
+                    break
             if self.on_tick is not None:
                 self.on_tick(self)
+        if self.topo.rank == 0:
+            self.ps.lock_params()
+            self.ps.header[rma.STOP] = rma.STOP_ALL  # followers leave their loops
+            self.ps.unlock_params()
         st.done = True
         return st
+
+    # -- membership (rank 0): heartbeats in the stats region ---------------
+    def _refresh_workers(self) -> None:
+        st = self.state
+        st.worker_stats = self.ps.read_stats()
+        now = time.time()
+        beat = st.worker_stats[:, rma.HEARTBEAT]
+        # A worker that has not reported yet counts from the server's start.
+        st.heartbeat_age = now - np.where(beat > 0, beat, st.start_time)
+        timeout = self.cfg.ps.heartbeat_timeout_s
+        for w in range(self.topo.n_workers):
+            done = st.worker_stats[w, rma.STATE] == rma.STATE_DONE
+            if st.worker_alive[w] and not done and st.heartbeat_age[w] > timeout:
+                self._mark_dead(w, f"no heartbeat for {st.heartbeat_age[w]:.0f}s")
+
+    def _mark_dead(self, w: int, why: str) -> None:
+        """Publish worker w as dead: survivors re-shard its data at their next pull."""
+        st = self.state
+        st.worker_alive[w] = False
+        self.ps.lock_params()
+        self.ps.header[rma.DEAD + w // 64] |= np.int64(1) << np.int64(w % 64)
+        self.ps.header[rma.MEMBERS] += 1
+        self.ps.unlock_params()
+        self.log(
+            f"[server] worker {w} (rank {self.topo.n_servers + w}) marked dead: {why}; "
+            f"its shard is redistributed over {int(st.worker_alive.sum())} workers"
+        )
+
+    def _all_workers_left(self) -> bool:
+        if time.time() - self._last_refresh < 0.1:
+            return False
+        self._last_refresh = time.time()
+        self._refresh_workers()
+        st = self.state
+        done = st.worker_stats[:, rma.STATE] == rma.STATE_DONE
+        return bool(np.all(done | ~st.worker_alive))
 
     def _rank0_tick(self) -> None:
         st = self.state
@@ -285,9 +330,21 @@ class ParameterServer:
             self._record()
             self._last_log = time.time()
         self._collect_eval()
+        self._stop_at_target()
         if time.time() - self._last_log > self.cfg.run.log_every_s:
             self._last_log = time.time()
             self._record()
+
+    def _stop_at_target(self) -> None:
+        """[run] target_accuracy > 0: end fine-tuning once an evaluation reaches it (rank 0).
+
+        Called from the main loop only, never from `_record`: inside `_end_phase`
+        a stop would be followed by `_set_phase(done + 1)`.
+        """
+        st, target = self.state, self.cfg.run.target_accuracy
+        if target > 0 and st.phase == self.layout.finetune_phase and st.test_accuracy >= target:
+            self.log(f"[server] target accuracy {target} reached ({st.test_accuracy:.4f})")
+            self.request_stop()
 
     def finish(self, out: Path | None = None, summary: Path | None = None) -> dict | None:
         """After every worker left: final evaluation, model and summary (rank 0), free windows."""
@@ -313,6 +370,7 @@ class ParameterServer:
             if st.phase >= self.layout.finetune_phase and self.evaluate is not None:
                 self.log(f"final test accuracy: {st.test_accuracy:.4f}")
             self._pool.shutdown()
-        self.topo.comm.Barrier()  # rank 0 has read every shard before windows go away
-        self.win.free()
+        healthy = rma.finalize(self.topo, self.win)  # rank 0 has read every shard by now
+        if not healthy:
+            self.log("[server] a rank had failed; the survivors finished without it")
         return result

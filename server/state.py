@@ -49,12 +49,16 @@ class ServerState:
     worker_applied: np.ndarray = field(init=False)
     worker_rejected: np.ndarray = field(init=False)
     worker_stats: np.ndarray = field(init=False)  # float64[K, ST_WORDS] from the window
+    worker_alive: np.ndarray = field(init=False)  # False once marked dead (no heartbeat)
+    heartbeat_age: np.ndarray = field(init=False)  # seconds since each worker's last report
 
     def __post_init__(self) -> None:
         K = self.n_workers
         self.worker_applied = np.zeros(K, dtype=np.int64)
         self.worker_rejected = np.zeros(K, dtype=np.int64)
         self.worker_stats = np.zeros((K, 8), dtype=np.float64)
+        self.worker_alive = np.ones(K, dtype=bool)
+        self.heartbeat_age = np.zeros(K, dtype=np.float64)
 
     @property
     def phase_name(self) -> str:
@@ -106,6 +110,7 @@ class ServerState:
                 "max": self.staleness_max,
             },
             "test_accuracy": self.test_accuracy,
+            "dead_workers": [int(w) for w in np.flatnonzero(~self.worker_alive)],
             "loss": self.loss,
             "wall_s": round(time.time() - self.start_time, 3),
             "workers": [
@@ -120,6 +125,8 @@ class ServerState:
                     "samples_per_s": float(self.worker_stats[w, 4]),
                     "pushes": int(self.worker_stats[w, 5]),
                     "pulls": int(self.worker_stats[w, 6]),
+                    "alive": bool(self.worker_alive[w]),
+                    "heartbeat_age_s": round(float(self.heartbeat_age[w]), 3),
                 }
                 for w in range(self.n_workers)
             ],

@@ -9,7 +9,6 @@ from dbnps.common import rma
 from dbnps.common.config import load
 from dbnps.common.errors import exit_on_user_error
 from dbnps.common.job import layout_of, load_data
-from dbnps.common.mnist import shard
 
 
 @click.command()
@@ -21,6 +20,8 @@ from dbnps.common.mnist import shard
 @click.option("--inject-sleep-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-sleep-s", type=float, default=0.0, hidden=True)
 @click.option("--inject-step-s", type=float, default=0.0, hidden=True)
+@click.option("--inject-die-worker", type=int, default=-1, hidden=True)
+@click.option("--inject-die-after", type=int, default=0, hidden=True)
 @exit_on_user_error
 def main(config_path, data_dir, **inject) -> None:
     from dbnps.worker.worker import Faults, Worker
@@ -30,11 +31,9 @@ def main(config_path, data_dir, **inject) -> None:
     layout = layout_of(cfg)
     if inject["inject_synthetic_grad"] is None:
         data = load_data(cfg, data_dir)
-        X, y = shard(data.X_train, data.y_train, topo.worker_index, topo.n_workers)
-        n_train = len(data.y_train)
+        X, y = data.X_train, data.y_train  # the worker cuts its own shard (and re-cuts it)
     else:  # a synthetic pusher needs no images (benchmarks run 64 of them on 2 cores)
         X, y = np.zeros((0, 784), np.float32), np.zeros(0, np.uint8)
-        n_train = cfg.data.train_subset or 60000
     faults = Faults(
         synthetic_grad=inject["inject_synthetic_grad"],
         nan_worker=inject["inject_nan_worker"],
@@ -42,8 +41,10 @@ def main(config_path, data_dir, **inject) -> None:
         sleep_worker=inject["inject_sleep_worker"],
         sleep_s=inject["inject_sleep_s"],
         step_s=inject["inject_step_s"],
+        die_worker=inject["inject_die_worker"],
+        die_after=inject["inject_die_after"],
     )
-    worker = Worker(cfg, topo, layout, X, y, n_train, faults=faults)
+    worker = Worker(cfg, topo, layout, X, y, faults=faults)
     worker.run()
     worker.finish()
 

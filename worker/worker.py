@@ -14,6 +14,8 @@ layers it will propagate through are final) and restarts its minibatch walk.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -34,6 +36,8 @@ class Faults:
     sleep_worker: int = -1  # this worker sleeps `sleep_s` per step (a laggard)
     sleep_s: float = 0.0
     step_s: float = 0.0  # every worker sleeps this per step: compute emulated off-CPU (benchmarks)
+    die_worker: int = -1  # this worker SIGKILLs itself after `die_after` steps
+    die_after: int = 0
 
 
 class Worker:
@@ -44,27 +48,42 @@ class Worker:
         layout: Layout,
         X: np.ndarray,
         y: np.ndarray,
-        n_train: int,
         *,
         faults: Faults | None = None,
     ):
+        """`X`, `y`: the whole training set; this worker trains on its shard of the live workers."""
         self.cfg, self.topo, self.layout = cfg, topo, layout
-        self.n_train = n_train
+        self.X_all, self.y_all = X, y
+        # Synthetic pushers carry no images; the schedule still counts the configured set.
+        self.n_train = len(y) if len(y) else (cfg.data.train_subset or 60000)
         self.me = topo.worker_index
+        self.members = 0
+        self._steps = 0
         self.faults = faults or Faults()
         self.win = rma.Windows(topo, layout.size)
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
         self.params = layout.zeros()
         self.grad = layout.zeros()
         self.acc = layout.zeros() if cfg.ps.n_push > 1 else self.grad
-        rng = np.random.default_rng([cfg.run.seed, 1, self.me])
+        self.rng = np.random.default_rng([cfg.run.seed, 1, self.me])
+        self.sampler = None
         if self.faults.synthetic_grad is None:
-            from dbnps.common.steps import StepGradient
-
-            self.sampler = StepGradient(layout, cfg, X, y, rng)
-        else:
-            self.sampler = None
+            self._reshard(set())
         topo.comm.Barrier()  # the server has initialised its parameters
+        self.client.report(state=rma.STATE_RUNNING)  # first heartbeat
+
+    def _reshard(self, dead: set[int]) -> bool:
+        """Train on shard `position` of the live workers; False if we are the dead one."""
+        from dbnps.common.mnist import shard
+        from dbnps.common.steps import StepGradient
+
+        live = [w for w in range(self.topo.n_workers) if w not in dead]
+        if self.me not in live:
+            return False
+        if self.faults.synthetic_grad is None:
+            X, y = shard(self.X_all, self.y_all, live.index(self.me), len(live))
+            self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
+        return True
 
     def _step(self, phase: int, epoch: float) -> tuple[float, int]:
         f = self.faults
@@ -72,6 +91,9 @@ class Worker:
             time.sleep(f.sleep_s)
         if f.step_s:
             time.sleep(f.step_s)
+        if f.die_worker == self.me and self._steps >= f.die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._steps += 1
         if self.sampler is not None:
             return self.sampler.step(self.params, self.grad, epoch=epoch)
         lo, hi = self.layout.phase_range(phase)
@@ -90,6 +112,13 @@ class Worker:
         t_rate, s_rate = time.monotonic(), 0
         rate = 0.0
         while True:
+            if info.members != self.members:
+                # The server marked a worker dead: take our part of its shard.
+                self.members = info.members
+                if not self._reshard(info.dead):
+                    break  # we were presumed dead (silent too long): our shard is taken
+                if self.sampler is not None and phase == info.phase:
+                    self.sampler.begin_phase(phase, self.params)
             if info.phase != phase:
                 if info.phase >= layout.done_phase:
                     break
@@ -98,6 +127,7 @@ class Worker:
                     pulls += 1
                     if info.phase >= layout.done_phase:
                         break
+                client.report(state=rma.STATE_RUNNING)  # begin_phase can take a while
                 phase = info.phase
                 if self.sampler is not None:
                     self.sampler.begin_phase(phase, self.params)
@@ -161,7 +191,5 @@ class Worker:
         )
 
     def finish(self) -> None:
-        """Collective exit matching the servers' `run` (Ibarrier) and `finish`."""
-        self.topo.comm.Ibarrier().Wait()
-        self.topo.comm.Barrier()
-        self.win.free()
+        """Collective exit matching the servers' `finish` (survives a dead rank under ULFM)."""
+        rma.finalize(self.topo, self.win)

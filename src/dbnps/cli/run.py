@@ -24,7 +24,15 @@ def job_argv(
     data_dir: Path,
     run_dir: Path,
     extra_worker_args: tuple[str, ...] = (),
+    *,
+    extra_server_args: tuple[str, ...] = (),
+    fault_tolerant: bool = True,
 ) -> list[str]:
+    """The mpiexec argv of a job; `extra_server_args` carry e.g. the control-plane flags.
+
+    `fault_tolerant` runs MPI with ULFM (`--with-ft ulfm`): a dead worker no longer
+    takes the job down, the server notices its silence and the others finish.
+    """
     common = ["--data-dir", str(data_dir)]
     if config is not None:
         common += ["--config", str(config)]
@@ -34,8 +42,11 @@ def job_argv(
         str(run_dir / "model.npz"),
         "--summary",
         str(run_dir / "summary.json"),
+        *extra_server_args,
     ]
-    return mpmd_argv(servers, workers, server_args, [*common, *extra_worker_args])
+    return mpmd_argv(
+        servers, workers, server_args, [*common, *extra_worker_args], fault_tolerant=fault_tolerant
+    )
 
 
 @click.command("run")
