@@ -282,7 +282,7 @@ class PSClient:
             while self.acked(s) < ts:
                 if time.monotonic() > deadline:
                     raise PSTimeout(
-                        f"worker {self.me}: server rank {s} did not take push {ts} "
+                        f"server rank {s} did not take push {ts} "
                         f"within {self.timeout_s:.0f}s (is the server alive?)"
                     )
                 time.sleep(pause)

@@ -68,7 +68,7 @@ def train_local(
     `history` holds one record per epoch (and one at each phase end): phase,
     epoch (float), loss (mean recon error or cross-entropy over the epoch),
     test_acc (fine-tuning, every [run] eval_every_epochs; else None), steps,
-    elapsed_s.  `on_epoch(record, params)` is called after each record; a true
+    elapsed_s (wall) and cpu_s (process CPU time, all threads).  `on_epoch(record, params)` is called after each record; a true
     return value stops training (e.g. a time-to-accuracy benchmark).
     [run] max_steps > 0 caps the total number of steps.
     """
@@ -82,7 +82,7 @@ def train_local(
     rule = make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
     history: list[dict[str, Any]] = []
     total_steps = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     use_tqdm_write = progress and log is print
 
     def emit(msg: str) -> None:
@@ -149,13 +149,14 @@ def train_local(
                 "momentum": mom,
                 "steps": total_steps,
                 "elapsed_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0,  # all threads: robust to a busy machine
             }
             history.append(rec)
             what = "loss" if finetune else "recon"
             msg = f"[{name}] epoch {ep:6.2f}  {what} {rec['loss']:.5f}"
             if test_acc is not None:
                 msg += f"  test acc {100 * test_acc:.2f}%"
-            msg += f"  lr {lr:.4g} mom {mom:.2f}  {rec['elapsed_s']:.1f}s"
+            msg += f"  lr {lr:.4g} mom {mom:.2f}  {rec['elapsed_s']:.1f}s (cpu {rec['cpu_s']:.0f}s)"
             emit(msg)
             loss_sum, loss_n = 0.0, 0
             if on_epoch is not None and on_epoch(rec, params):

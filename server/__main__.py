@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from dbnps.common import rma
 from dbnps.common.config import load
-from dbnps.common.errors import exit_on_user_error
+from dbnps.common.errors import UserError, exit_on_user_error
 from dbnps.common.job import initial_params, layout_of, load_data
 
 
@@ -43,8 +44,12 @@ def main(config_path, data_dir, out, summary, **control_opts) -> None:
     if topo.rank == 0 and (control_opts["run_dir"] or control_opts["grpc_port"] is not None):
         from dbnps.server.control import make_control_plane
 
-        control = make_control_plane(cfg, out=out, **control_opts)
-        control.start()  # before the collective setup: health says NOT_SERVING meanwhile
+        try:
+            control = make_control_plane(cfg, out=out, **control_opts)
+            control.start()  # before the collective setup: health says NOT_SERVING meanwhile
+        except UserError as exc:  # the other ranks wait in collectives: take the job down
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            topo.comm.Abort(2)
     layout = layout_of(cfg)
     data = load_data(cfg, data_dir)
     init = initial_params(cfg, layout, data.X_train)

@@ -197,14 +197,17 @@ class CheckpointStore:
         return out
 
 
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict, str, bytes]:
+def _read(
+    path: Path, *, header_only: bool = False
+) -> tuple[dict[str, np.ndarray], dict, str, bytes]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            if "meta" not in z.files or "sha256" not in z.files or "params" not in z.files:
+                raise DataError(f"{path}: not a dbnps checkpoint (missing entries)")
+            names = ["meta", "sha256"] if header_only else z.files
+            arrays = {k: z[k] for k in names}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable checkpoint ({exc})") from exc
-    if "meta" not in arrays or "sha256" not in arrays or "params" not in arrays:
-        raise DataError(f"{path}: not a dbnps checkpoint (missing entries)")
     meta_bytes = arrays.pop("meta").tobytes()
     digest = arrays.pop("sha256").tobytes().decode("ascii", "replace")
     try:
@@ -215,8 +218,8 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict, str, bytes]:
 
 
 def info_of(path: Path) -> CheckpointInfo:
-    """Describe a checkpoint file (reads it; does not verify the digest)."""
-    _, meta, digest, _ = _read(path)
+    """Describe a checkpoint file (reads its metadata only; does not verify the digest)."""
+    _, meta, digest, _ = _read(path, header_only=True)
     return CheckpointInfo(
         path=Path(path),
         version=int(meta.get("version", -1)),

@@ -35,6 +35,7 @@ import hmac
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -187,10 +188,10 @@ class ControlPlane:
                 port = server.add_insecure_port(target)
         except OSError as exc:
             raise UserError(f"cannot read TLS files: {exc}") from exc
-        except RuntimeError as exc:
-            raise UserError(f"cannot bind the gRPC port {target} (in use?): {exc}") from exc
+        except RuntimeError:
+            port = 0
         if not port:
-            raise UserError(f"cannot bind the gRPC port {target} (in use?)")
+            raise UserError(f"cannot listen on {target} for gRPC (address in use or not local)")
         server.start()
         self._server = server
         self.grpc_address = host_port(connect_host(self.bind), port)
@@ -299,6 +300,8 @@ class ControlPlane:
 
     def _submit(self, kind: str, timeout_s: float, **args):
         with self._lock:
+            if self._closed and kind == "stop":
+                return None  # finishing anyway; the caller waits for the final checkpoint
             if self._closed or self.ps is None:
                 state = "finishing" if self._closed else "starting (windows not ready)"
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the job is {state}")
@@ -404,8 +407,7 @@ class ControlPlane:
                 f"timeout_seconds must be in [0, {MAX_TIMEOUT_S:.0f}], got {t}",
             )
         timeout = t or 120.0
-        if not self._final.done():
-            self._submit("stop", min(timeout, self.request_timeout_s))
+        self._submit("stop", min(timeout, self.request_timeout_s))
         self.log("[control] stop requested over gRPC")
         reply = pb.StopReply(stopping=True)
         if req.wait:
@@ -538,6 +540,8 @@ def make_control_plane(
     run_dir.mkdir(parents=True, exist_ok=True)
     if token_file is not None:
         token = read_token(token_file)
+        if Path(token_file).stat().st_mode & 0o077:
+            print(f"warning: token file {token_file} is readable by others", file=sys.stderr)
     else:  # a fresh token next to the run's files, readable by the owner only
         path = run_dir / "token"
         if not path.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from conftest import write_config
 
 
@@ -32,3 +34,53 @@ def test_sigkill_of_one_worker_job_completes(tmp_path, job):
     assert "redistributed over 2 workers" in res.output
     # Phase "done" means every scheduled fine-tuning sample was applied by the survivors.
     assert s["test_accuracy"] >= 0.88, s["test_accuracy"]
+
+
+def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
+    """No hang: workers waiting on a dead server give up after step_timeout_s, one line each."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dbnps.cli.run import job_argv
+    from dbnps.common.launcher import mpi_env
+    from dbnps.common.mnist import resolve_data_dir
+
+    cfg_path = write_config(
+        tmp_path / "long.toml",
+        {
+            "model": {"sizes": [784, 64, 64]},
+            "data": {"train_subset": 3000, "test_subset": 500},
+            "finetune": {"epochs": 1000.0},
+            "ps": {"step_timeout_s": 3.0},
+        },
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    argv = job_argv(cfg_path, 2, 1, resolve_data_dir(None), run_dir)
+    proc = subprocess.Popen(
+        argv,
+        env=mpi_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(4)  # training is under way
+        assert proc.poll() is None
+        # The server rank's command line starts with python (mpiexec's names it later on).
+        pattern = f"^{sys.executable} -m dbnps.server .*{run_dir}"
+        subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert waited < 30, waited
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error: worker")]
+    assert errors, (proc.returncode, out[-3000:])

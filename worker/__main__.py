@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 import numpy as np
+from mpi4py import MPI
 
 from dbnps.common import rma
 from dbnps.common.config import load
@@ -45,7 +49,14 @@ def main(config_path, data_dir, **inject) -> None:
         die_after=inject["inject_die_after"],
     )
     worker = Worker(cfg, topo, layout, X, y, faults=faults)
-    worker.run()
+    try:
+        worker.run()
+    except (rma.PSTimeout, MPI.Exception) as exc:
+        # The server is gone or stuck: say so once and leave without the collective
+        # finish (it would wait for the dead rank).  mpiexec then ends the job.
+        what = exc if isinstance(exc, rma.PSTimeout) else f"MPI error talking to the server: {exc}"
+        print(f"error: worker {topo.worker_index}: {what}", file=sys.stderr, flush=True)
+        os._exit(3)
     worker.finish()
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -100,7 +102,35 @@ class Worker:
         self.grad.flat[lo:hi] = np.float32(f.synthetic_grad * (self.me + 1))
         return 0.0, self.cfg.finetune.batch_size
 
+    def _watchdog(self) -> None:
+        """Leave if the loop stops moving: an MPI call can block forever on a dead server.
+
+        (A server killed while holding its exclusive parameter lock leaves that lock
+        taken; our next `Lock` would wait in MPI where no timeout reaches.)
+        """
+        limit = self.cfg.ps.step_timeout_s
+        while not self._finished:
+            time.sleep(min(0.5, limit / 4))
+            idle = time.monotonic() - self._progress
+            if idle > limit and not self._finished:
+                print(
+                    f"error: worker {self.me}: no progress for {idle:.0f}s; "
+                    f"the parameter server is gone or stuck",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(3)
+
     def run(self) -> None:
+        self._finished = False
+        self._progress = time.monotonic()
+        threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
+        try:
+            self._run()
+        finally:
+            self._finished = True
+
+    def _run(self) -> None:
         cfg, layout, client = self.cfg, self.layout, self.client
         n_fetch, n_push = cfg.ps.n_fetch, cfg.ps.n_push
         info = client.pull(self.params.flat, 0, layout.size)
@@ -133,6 +163,7 @@ class Worker:
                     self.sampler.begin_phase(phase, self.params)
                 acc_samples = acc_steps = 0
             lo, hi = layout.phase_range(phase)
+            self._progress = time.monotonic()
             loss, n = self._step(phase, info.samples / max(self.n_train, 1))
             if n_push > 1:
                 if acc_steps == 0:

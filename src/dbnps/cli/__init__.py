@@ -32,9 +32,9 @@ def main() -> None:
 
 def _register() -> None:
     # Imported here so `psctl --help` stays fast and each module stays small.
-    from dbnps.cli import data, run, train
+    from dbnps.cli import bench, data, jobs, plot, run, train
 
-    for mod in (data, run, train):
+    for mod in (bench, data, jobs, plot, run, train):
         for cmd in mod.COMMANDS:
             main.add_command(cmd)
 

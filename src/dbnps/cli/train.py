@@ -1,3 +1,115 @@
-"""Placeholder: filled in by its issue."""
+"""`psctl train --local`: pretrain and fine-tune a DBN in this one process.
 
-COMMANDS: list = []
+The distributed job is `psctl run`; this command is the single-process
+reference (and the baseline the parameter server is measured against).
+
+numpy is imported only inside the command: `--threads` must reach OpenBLAS
+through OPENBLAS_NUM_THREADS before numpy loads it, so when the variable
+differs from the request the command re-executes itself with it set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from dbnps.common.errors import UserError
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _reexec_with_threads(threads: int) -> None:
+    """Re-run this very command with the BLAS thread variables set to `threads`."""
+    want = str(threads)
+    if all(os.environ.get(v) == want for v in _THREAD_VARS):
+        return
+    if os.environ.get("_DBNPS_REEXEC") == want:
+        return  # already re-executed once: never loop
+    env = dict(os.environ)
+    for v in _THREAD_VARS:
+        env[v] = want
+    env["_DBNPS_REEXEC"] = want
+    argv0 = sys.argv[0]
+    if os.path.isfile(argv0) and not argv0.endswith(".py") and os.access(argv0, os.X_OK):
+        args = [sys.executable, argv0, *sys.argv[1:]]
+    else:  # python -m dbnps.cli or a .py entry point
+        args = [sys.executable, *sys.orig_argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, args, env)
+
+
+@click.command("train")
+@click.option("--local", is_flag=True, help="Train in this process (required for now).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    metavar="FILE",
+    help="TOML job config (e.g. configs/mnist-dbn.toml).",
+)
+@click.option("--data-dir", default=None, metavar="DIR", help="MNIST IDX folder.")
+@click.option(
+    "--out",
+    default="model.npz",
+    show_default=True,
+    metavar="FILE",
+    help="Where to write the trained model (.npz).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="BLAS threads (default: OpenBLAS's choice).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train_cmd(
+    local: bool,
+    config_path: str,
+    data_dir: str | None,
+    out: str,
+    threads: int | None,
+    no_progress: bool,
+) -> None:
+    """Pretrain the RBMs and fine-tune the DBN in one process."""
+    if not local:
+        raise UserError(
+            "psctl train needs --local (single process); use `psctl run` for the "
+            "distributed parameter-server job"
+        )
+    from dbnps.common import config as config_mod
+
+    cfg = config_mod.load(config_path)  # ConfigError before any heavy import or re-exec
+    if threads is not None:
+        _reexec_with_threads(threads)
+
+    from dbnps.common.layout import Layout
+    from dbnps.common.mnist import load_mnist
+    from dbnps.common.model import save_model
+    from dbnps.common.trainer import train_local
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    data = load_mnist(data_dir or cfg.data.dir or None)
+    params, history = train_local(cfg, data, progress=not no_progress)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    final = next((h for h in reversed(history) if h.get("test_acc") is not None), None)
+    acc = final["test_acc"] if final else None
+    layout = Layout(cfg.model.sizes, cfg.model.classes)
+    meta = {
+        "trainer": "local",
+        "config_path": config_path,
+        "test_acc": acc,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+        "history": history,
+    }
+    path = save_model(out, layout, params.flat, cfg, meta)
+    acc_s = f"test accuracy {100 * acc:.2f}%" if acc is not None else "no fine-tuning"
+    click.echo(f"{acc_s}; {wall:.1f}s wall, {cpu:.1f}s CPU; model written to {path}")
+
+
+COMMANDS: list = [train_cmd]

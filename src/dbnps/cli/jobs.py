@@ -1,0 +1,759 @@
+"""Detached jobs: `psctl start | status | stop | checkpoint | checkpoints | logs | list`.
+
+Modelled on `ray start/status/stop` and `dask scheduler --scheduler-file`:
+`psctl start` launches mpiexec in a new session and leaves it running; every
+job gets a run directory under the state directory::
+
+    $DBNPS_STATE_DIR or ${XDG_STATE_HOME:-~/.local/state}/dbnps/
+      runs/<job-id>/job.json        pid, session, addresses, config, start time
+                    token           bearer token for mutating RPCs (mode 0600)
+                    job.log         stdout + stderr of every rank
+                    endpoints.json  written by server rank 0 (actual ports)
+                    exit.json       exit status, written when the job ends
+                    checkpoints/    ckpt-<version>.npz
+                    model.npz, summary.json
+      runs/latest -> <job-id>
+
+The other commands find a job by `--run ID` (default: the latest) or talk to
+any control plane with `--address HOST:PORT` (plus `--token-file` for the
+mutating ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from dbnps.common.errors import UserError
+
+STATE_ENV = "DBNPS_STATE_DIR"
+TOKEN_ENV = "DBNPS_TOKEN"
+
+
+# -- where runs live ------------------------------------------------------------
+def state_dir() -> Path:
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "dbnps"
+
+
+def runs_dir() -> Path:
+    return state_dir() / "runs"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -- processes (Linux /proc; a session id covers mpiexec and every rank) --------
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, session id, start time in clock ticks) of a live pid, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[3]), int(fields[19])
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    st = _proc_stat(pid)
+    if st is None:
+        if not Path("/proc").is_dir():  # not Linux: best effort
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return False
+    state, _, start = st
+    if state in ("Z", "X"):
+        return False
+    return start_ticks is None or start == start_ticks
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None and st[1] == sid and st[0] not in ("Z", "X"):
+                out.append(int(entry.name))
+    return out
+
+
+# -- runs ------------------------------------------------------------------------
+@dataclass
+class Run:
+    dir: Path
+    info: dict
+
+    @property
+    def id(self) -> str:
+        return self.info.get("job_id", self.dir.name)
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "job.log"
+
+    def reload(self) -> Run:
+        self.info = json.loads((self.dir / "job.json").read_text())
+        return self
+
+    def running(self) -> bool:
+        pid = self.info.get("pid")
+        return bool(pid) and pid_alive(pid, self.info.get("pid_start"))
+
+    def exit_info(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "exit.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def state(self) -> str:
+        if self.running():
+            return "running"
+        ex = self.exit_info()
+        if ex is None:
+            return "killed"
+        return f"exited {ex['returncode']}"
+
+    def endpoints(self) -> dict:
+        try:
+            return json.loads((self.dir / "endpoints.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def describe_end(self) -> str:
+        ex = self.exit_info()
+        if ex is None:
+            return "its process is gone without an exit status (killed?)"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ex["ended"]))
+        return f"exited with status {ex['returncode']} at {when}"
+
+
+def find_run(run_id: str | None) -> Run:
+    root = runs_dir()
+    if run_id is None:
+        latest = root / "latest"
+        if not latest.exists():
+            raise UserError(f"no runs in {root}; start one with `psctl start`")
+        path = latest.resolve()
+    elif os.sep in run_id:
+        path = Path(run_id)
+    else:
+        path = root / run_id
+    if not (path / "job.json").is_file():
+        raise UserError(f"no such run: {run_id} (see `psctl list`)")
+    try:
+        return Run(path, {}).reload()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"run {path.name}: unreadable job.json ({exc})") from exc
+
+
+def _all_runs() -> list[Run]:
+    root = runs_dir()
+    if not root.is_dir():
+        return []
+    runs = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.is_symlink() and (p / "job.json").is_file():
+            with contextlib.suppress(OSError, ValueError):
+                runs.append(Run(p, {}).reload())
+    return runs
+
+
+# -- gRPC client -----------------------------------------------------------------
+@dataclass
+class Target:
+    address: str
+    token: str | None
+    tls_ca: bytes | None
+    run: Run | None
+
+    def channel(self):
+        import grpc
+
+        if self.tls_ca is not None:
+            return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls_ca))
+        return grpc.insecure_channel(self.address)
+
+    def call(self, method: str, request, *, timeout: float = 10.0, auth: bool = False):
+        import grpc
+
+        from dbnps.v1 import control_pb2_grpc
+
+        metadata = ()
+        if auth:
+            if not self.token:
+                raise UserError(f"no token for {self.address}: give --token-file (or ${TOKEN_ENV})")
+            metadata = (("authorization", f"Bearer {self.token}"),)
+        with self.channel() as ch:
+            stub = control_pb2_grpc.ControlStub(ch)
+            try:
+                return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise UserError(f"bad token for {self.address}: {details}") from None
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise UserError(
+                        f"cannot reach the job at {self.address} ({code.name}: {details})"
+                    ) from None
+                raise UserError(f"{method} failed: {code.name}: {details}") from None
+
+
+def _target(
+    run_id: str | None,
+    address: str | None,
+    token_file: Path | None,
+    tls_ca: Path | None,
+) -> Target:
+    token = os.environ.get(TOKEN_ENV) or None
+    if token_file is not None:
+        from dbnps.server.control import read_token
+
+        token = read_token(token_file)
+    ca = None
+    if tls_ca is not None:
+        try:
+            ca = tls_ca.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read {tls_ca}: {exc.strerror}") from exc
+    if address is not None:
+        if ":" not in address:
+            raise UserError(f"--address must be HOST:PORT, got {address!r}")
+        return Target(address, token, ca, None)
+    run = find_run(run_id)
+    if not run.running():
+        raise UserError(f"job {run.id} is not running: {run.describe_end()}")
+    address = run.info.get("grpc") or run.endpoints().get("grpc")
+    if not address:
+        raise UserError(f"job {run.id} has no control-plane address yet (see `psctl logs`)")
+    if token is None and (run.dir / "token").exists():
+        from dbnps.server.control import read_token
+
+        token = read_token(run.dir / "token")
+    if ca is None and run.info.get("tls_cert"):
+        ca = Path(run.info["tls_cert"]).read_bytes()
+    return Target(address, token, ca, run)
+
+
+def target_options(fn):
+    fn = click.option(
+        "--tls-ca",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="CA/cert to trust for a TLS control plane (with --address)",
+    )(fn)
+    fn = click.option(
+        "--token-file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"bearer token file (default: the run's token, or ${TOKEN_ENV})",
+    )(fn)
+    fn = click.option(
+        "--address", default=None, help="talk to the control plane at HOST:PORT directly"
+    )(fn)
+    fn = click.option("--run", "run_id", default=None, help="job id (default: the latest run)")(fn)
+    return fn
+
+
+def _health(address: str, tls_ca: bytes | None, timeout: float = 2.0) -> str | None:
+    """The grpc.health.v1 status name of `address`, or None if unreachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t = Target(address, None, tls_ca, None)
+    with t.channel() as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+# -- psctl start -------------------------------------------------------------------
+def _check_port_free(bind: str, port: int, what: str) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError as exc:
+            raise UserError(f"{what} port {port} on {bind} is not free: {exc.strerror}") from None
+
+
+def _last_error_line(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("error:") or "Error:" in line:
+            return line.strip()
+    return ""
+
+
+def _new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _kill_session(sid: int, grace_s: float = 5.0) -> int:
+    """SIGTERM every process of the session, SIGKILL what is left after `grace_s`."""
+    pids = session_pids(sid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in session_pids(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(pids)
+
+
+@click.command("start")
+@click.option("--config", type=click.Path(path_type=Path), default=None, help="TOML job config")
+@click.option("--workers", "-k", type=int, default=2, show_default=True)
+@click.option("--servers", "-s", type=int, default=1, show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=0, help="0: any free port")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, help="0: any free port")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address the job listens on")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to be ready")
+@click.option("--job-id", default=None, help="name of the run (default: time + random)")
+@click.option("--tls-cert", type=click.Path(path_type=Path), default=None)
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None)
+@click.option("--keep-checkpoints", type=click.IntRange(1), default=3, show_default=True)
+def start_cmd(
+    config,
+    workers,
+    servers,
+    data_dir,
+    grpc_port,
+    metrics_port,
+    bind,
+    timeout,
+    job_id,
+    tls_cert,
+    tls_key,
+    keep_checkpoints,
+) -> None:
+    """Start a training job in the background and wait until it serves."""
+    from dbnps.cli.run import job_argv
+    from dbnps.common.config import load
+    from dbnps.common.job import layout_of
+    from dbnps.common.launcher import mpi_env
+    from dbnps.common.mnist import resolve_data_dir
+
+    cfg = load(config)  # a bad config fails here, once, not in every rank
+    layout_of(cfg)
+    data = resolve_data_dir(data_dir or cfg.data.dir or None)
+    if workers < 1 or servers < 1:
+        raise UserError("--workers and --servers must be >= 1")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise UserError("--timeout must be > 0")
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    for p in (tls_cert, tls_key):
+        if p is not None and not p.is_file():
+            raise UserError(f"no such file: {p}")
+    if grpc_port and grpc_port == metrics_port:
+        raise UserError("--grpc-port and --metrics-port must differ")
+    _check_port_free(bind, grpc_port, "gRPC")
+    _check_port_free(bind, metrics_port, "metrics")
+    job_id = job_id or _new_job_id()
+    if not job_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or job_id in (
+        "latest",
+        ".",
+        "..",
+    ):
+        raise UserError(f"--job-id may use letters, digits, '-', '_' and '.', got {job_id!r}")
+    root = runs_dir()
+    run_dir = root / job_id
+    try:
+        run_dir.mkdir(parents=True)
+    except FileExistsError:
+        raise UserError(f"run {job_id} exists already in {root}") from None
+    token_path = run_dir / "token"
+    from dbnps.server.control import write_token
+
+    write_token(token_path, secrets.token_urlsafe(32))
+    server_args = [
+        "--run-dir",
+        str(run_dir),
+        "--job-id",
+        job_id,
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--bind",
+        bind,
+        "--token-file",
+        str(token_path),
+        "--keep-checkpoints",
+        str(keep_checkpoints),
+    ]
+    if tls_cert is not None:
+        server_args += ["--tls-cert", str(tls_cert.resolve()), "--tls-key", str(tls_key.resolve())]
+    config_abs = config.resolve() if config is not None else None
+    argv = job_argv(
+        config_abs, workers, servers, data, run_dir, extra_server_args=tuple(server_args)
+    )
+    log = run_dir / "job.log"
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dbnps.cli.supervise", str(run_dir / "exit.json"), "--", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=mpi_env(),
+            start_new_session=True,
+        )
+    st = _proc_stat(proc.pid)
+    info = {
+        "job_id": job_id,
+        "pid": proc.pid,
+        "pgid": proc.pid,
+        "sid": proc.pid,
+        "pid_start": st[2] if st else None,
+        "run_dir": str(run_dir),
+        "config": str(config_abs) if config_abs else None,
+        "workers": workers,
+        "servers": servers,
+        "bind": bind,
+        "grpc": None,
+        "metrics": None,
+        "tls_cert": str(tls_cert.resolve()) if tls_cert else None,
+        "token_file": str(token_path),
+        "log": str(log),
+        "started": time.time(),
+        "started_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": argv,
+    }
+    _write_json(run_dir / "job.json", info)
+    latest_tmp = root / f".latest.{os.getpid()}"
+    latest_tmp.unlink(missing_ok=True)
+    latest_tmp.symlink_to(job_id)
+    os.replace(latest_tmp, root / "latest")
+    ca = tls_cert.read_bytes() if tls_cert else None
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            _kill_session(proc.pid, grace_s=2.0)  # ranks mpiexec left behind, if any
+            hint = _last_error_line(log)
+            raise UserError(
+                f"job {job_id} exited with status {rc} before it was ready; see its log {log}"
+                + (f" ({hint})" if hint else "")
+            )
+        ep = Run(run_dir, info).endpoints()
+        if ep.get("grpc") and _health(ep["grpc"], ca, timeout=1.0) == "SERVING":
+            break
+        if time.monotonic() > deadline:
+            _kill_session(proc.pid)
+            raise UserError(
+                f"job {job_id} was not ready within {timeout:.0f}s and was stopped; "
+                f"see its log {log}"
+            )
+        time.sleep(0.1)
+    info["grpc"], info["metrics"] = ep["grpc"], ep.get("metrics") or None
+    _write_json(run_dir / "job.json", info)
+    click.echo(f"psctl: started job {job_id} ({servers} server + {workers} workers)")
+    click.echo(f"  run dir  {run_dir}")
+    click.echo(f"  gRPC     {info['grpc']}  (token: {token_path})")
+    if info["metrics"]:
+        click.echo(f"  metrics  http://{info['metrics']}/metrics")
+    click.echo(f"  log      {log}")
+    click.echo("  next     psctl status | psctl logs -f | psctl checkpoint | psctl stop")
+
+
+# -- psctl status --------------------------------------------------------------------
+def _status_dict(msg) -> dict:
+    """A message as plain JSON values: every field present, 64-bit integers as numbers.
+
+    (The proto3 JSON mapping writes int64 as strings, which scripts do not want.)
+    """
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            out[f.name] = dict(value)
+        elif f.message_type is not None:
+            out[f.name] = [_status_dict(v) for v in value] if f.is_repeated else _status_dict(value)
+        elif f.is_repeated:
+            out[f.name] = list(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            out[f.name] = None  # JSON has no NaN
+        else:
+            out[f.name] = value
+    return out
+
+
+def _fmt_status(msg) -> str:
+    p = msg.progress
+    rej = dict(msg.updates_rejected)
+    lines = [
+        f"job {msg.job_id}  {'stopping' if msg.stopping else 'running' if msg.ready else 'starting'}"
+        f"  up {msg.uptime_seconds:.0f}s  {msg.config.n_servers} server(s), "
+        f"{msg.config.n_workers} worker(s)  net {'-'.join(map(str, msg.config.sizes))}"
+        f"  rule {msg.config.update_rule}",
+        f"phase {p.phase} ({p.phase_index + 1}/{p.n_phases})  epoch {p.epoch:.2f}/"
+        f"{p.phase_epochs:g} ({100 * p.fraction:.1f}%)  version {msg.version}",
+        f"updates applied {msg.updates_applied}, rejected {sum(rej.values())}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) + ")" if rej else "")
+        + f"  staleness mean {msg.staleness.mean:.2f} max {msg.staleness.max}",
+        f"throughput {msg.samples_per_second:,.0f} samples/s  loss "
+        + (f"{msg.loss:.4f}" if msg.has_loss else "-")
+        + "  test accuracy "
+        + (f"{msg.test_accuracy:.4f}" if msg.has_test_accuracy else "-")
+        + f"  checkpoints {msg.checkpoints}",
+        "",
+        f"{'WORKER':>6} {'RANK':>4} {'STATE':<8} {'STEPS':>9} {'SAMPLES/S':>11} "
+        f"{'HEARTBEAT':>9} {'APPLIED':>8} {'REJECTED':>8} {'LOSS':>8}",
+    ]
+    for w in msg.workers:
+        beat = f"{w.heartbeat_age_seconds:.1f}s" if w.heartbeat_age_seconds >= 0 else "-"
+        lines.append(
+            f"{w.worker:>6} {w.rank:>4} {w.state:<8} {w.steps:>9} {w.samples_per_second:>11,.0f} "
+            f"{beat:>9} {w.updates_applied:>8} {w.updates_rejected:>8} {w.loss:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+@click.command("status")
+@target_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--watch", is_flag=True, help="refresh until the job ends (Ctrl-C to leave)")
+@click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
+def status_cmd(run_id, address, token_file, tls_ca, as_json, watch, interval) -> None:
+    """Show a job's phase, progress, updates and workers."""
+    from dbnps.v1 import control_pb2 as pb
+
+    target = _target(run_id, address, token_file, tls_ca)
+    while True:
+        try:
+            msg = target.call("GetStatus", pb.GetStatusRequest())
+        except UserError:
+            if watch and target.run is not None and not target.run.running():
+                click.echo(f"job {target.run.id} {target.run.describe_end()}")
+                return
+            raise
+        if as_json:
+            click.echo(json.dumps(_status_dict(msg), indent=None if watch else 1))
+        else:
+            if watch:
+                click.clear()
+            click.echo(_fmt_status(msg))
+        if not watch:
+            return
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+# -- psctl stop / checkpoint / checkpoints --------------------------------------------
+@click.command("stop")
+@target_options
+@click.option("--force", is_flag=True, help="kill every process of the job (no checkpoint)")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True)
+def stop_cmd(run_id, address, token_file, tls_ca, force, timeout) -> None:
+    """Stop a job: checkpoint, let the workers finish, exit (or --force: kill it)."""
+    from dbnps.v1 import control_pb2 as pb
+
+    if force:
+        if address is not None:
+            raise UserError("--force needs a run (--run ID), not --address")
+        run = find_run(run_id)
+        sid = run.info.get("sid")
+        if not sid or not session_pids(sid):
+            raise UserError(f"job {run.id} is not running: {run.describe_end()}")
+        n = _kill_session(sid)
+        click.echo(f"psctl: killed job {run.id} ({n} processes)")
+        return
+    target = _target(run_id, address, token_file, tls_ca)
+    reply = target.call(
+        "Stop", pb.StopRequest(wait=True, timeout_seconds=timeout), timeout=timeout + 10, auth=True
+    )
+    if reply.final_checkpoint.path:
+        click.echo(f"psctl: final checkpoint {reply.final_checkpoint.path}")
+    run = target.run
+    if run is None:
+        click.echo(f"psctl: job at {target.address} is stopping")
+        return
+    deadline = time.monotonic() + timeout
+    while run.running():
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"job {run.id} did not exit within {timeout:.0f}s after stopping; "
+                f"see {run.log}, or `psctl stop --force --run {run.id}`"
+            )
+        time.sleep(0.1)
+    sid = run.info.get("sid")
+    deadline = time.monotonic() + 5
+    while sid and session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)  # ranks still exiting after mpiexec
+    if sid and session_pids(sid):
+        n = _kill_session(sid, grace_s=2.0)
+        click.echo(f"psctl: killed {n} leftover process(es) of job {run.id}", err=True)
+    ex = run.exit_info()
+    if ex is None:
+        raise UserError(f"job {run.id} ended without an exit status; see {run.log}")
+    if ex["returncode"] != 0:
+        raise UserError(f"job {run.id} exited with status {ex['returncode']}; see {run.log}")
+    click.echo(f"psctl: job {run.id} stopped (exit status 0)")
+
+
+@click.command("checkpoint")
+@target_options
+@click.option("--note", default="", help="text stored in the checkpoint")
+def checkpoint_cmd(run_id, address, token_file, tls_ca, note) -> None:
+    """Write a checkpoint of a running job now and print its path."""
+    from dbnps.v1 import control_pb2 as pb
+
+    target = _target(run_id, address, token_file, tls_ca)
+    reply = target.call("Checkpoint", pb.CheckpointRequest(note=note), timeout=120, auth=True)
+    c = reply.checkpoint
+    click.echo(
+        f"{c.path}  (version {c.version}, phase {c.phase}, {c.size_bytes} bytes, "
+        f"{reply.duration_seconds:.3f}s)"
+    )
+
+
+@click.command("checkpoints")
+@target_options
+@click.option("--json", "as_json", is_flag=True)
+def checkpoints_cmd(run_id, address, token_file, tls_ca, as_json) -> None:
+    """List a job's checkpoints (from the job, or from its run directory once it ended)."""
+    from dbnps.v1 import control_pb2 as pb
+
+    if address is None:
+        run = find_run(run_id)
+        if not run.running():
+            from dbnps.server.checkpoint import CheckpointStore
+
+            infos = [
+                {
+                    "path": str(i.path),
+                    "version": i.version,
+                    "phase": i.phase,
+                    "size_bytes": i.size_bytes,
+                    "created_unix": i.created_unix,
+                    "sha256": i.sha256,
+                }
+                for i in CheckpointStore(run.dir / "checkpoints").list()
+            ]
+            _print_checkpoints(infos, as_json)
+            return
+    target = _target(run_id, address, token_file, tls_ca)
+    reply = target.call("ListCheckpoints", pb.ListCheckpointsRequest())
+    _print_checkpoints([_status_dict(c) for c in reply.checkpoints], as_json)
+
+
+def _print_checkpoints(infos: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(infos, indent=1))
+        return
+    for c in infos:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(c["created_unix"])))
+        click.echo(f"{when}  version {int(c['version']):>9}  {c['phase']:<11} {c['path']}")
+
+
+# -- psctl logs / list -------------------------------------------------------------------
+@click.command("logs")
+@click.option("--run", "run_id", default=None, help="job id (default: the latest run)")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+def logs_cmd(run_id, follow) -> None:
+    """Print a job's log (stdout and stderr of every rank)."""
+    run = find_run(run_id)
+    try:
+        f = open(run.log, "rb")  # noqa: SIM115 (read while the job appends)
+    except OSError as exc:
+        raise UserError(f"no log for job {run.id}: {exc.strerror}") from None
+    out = click.get_binary_stream("stdout")
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow or not run.running():
+                rest = f.read()
+                if rest:
+                    out.write(rest)
+                return
+            try:
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                return
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(as_json) -> None:
+    """List runs in the state directory."""
+    runs = _all_runs()
+    try:
+        latest = (runs_dir() / "latest").resolve().name
+    except OSError:
+        latest = None
+    rows = [
+        {
+            "job_id": r.id,
+            "state": r.state(),
+            "started": r.info.get("started_iso", ""),
+            "servers": r.info.get("servers"),
+            "workers": r.info.get("workers"),
+            "grpc": r.info.get("grpc"),
+            "metrics": r.info.get("metrics"),
+            "run_dir": str(r.dir),
+            "latest": r.dir.name == latest,
+        }
+        for r in runs
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no runs in {runs_dir()}")
+        return
+    click.echo(f"  {'JOB ID':<24} {'STATE':<10} {'STARTED':<25} {'S+K':<5} GRPC")
+    for r in rows:
+        mark = "*" if r["latest"] else " "
+        sk = f"{r['servers']}+{r['workers']}"
+        click.echo(
+            f"{mark} {r['job_id']:<24} {r['state']:<10} {r['started']:<25} {sk:<5} {r['grpc'] or '-'}"
+        )
+
+
+COMMANDS = [start_cmd, status_cmd, stop_cmd, checkpoint_cmd, checkpoints_cmd, logs_cmd, list_cmd]

@@ -1,0 +1,107 @@
+"""Helpers for tests that drive detached jobs through the real `psctl` executable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import write_config
+
+PSCTL = str(Path(sys.executable).parent / "psctl")
+
+# Small and endless: the tests stop the job; 2000 images keep data loading fast.
+LONG_JOB = {
+    "model": {"sizes": [784, 32, 32]},
+    "data": {"train_subset": 2000, "test_subset": 500},
+    "pretrain": {"epochs": 1.0},
+    "finetune": {"epochs": 1.0e6},
+    "run": {"eval_every_epochs": 200.0, "log_every_s": 2.0},
+}
+
+
+def psctl(*args: str, env: dict, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([PSCTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def session_alive(sid: int) -> list[int]:
+    """Non-zombie processes in session `sid` (mpiexec, every rank, the supervisor)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            out.append(int(entry.name))
+    return out
+
+
+@dataclass
+class StartedJob:
+    job_id: str
+    run_dir: Path
+    env: dict
+    info: dict
+
+    @property
+    def grpc(self) -> str:
+        return self.info["grpc"]
+
+    @property
+    def metrics(self) -> str:
+        return self.info["metrics"]
+
+    @property
+    def token(self) -> str:
+        return (self.run_dir / "token").read_text().strip()
+
+    def psctl(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return psctl(*args, env=self.env, **kw)
+
+
+def job_env(state_dir: Path) -> dict:
+    env = dict(os.environ)
+    env["DBNPS_STATE_DIR"] = str(state_dir)
+    return env
+
+
+def start_job(tmp: Path, job_id: str, *, workers: int = 2) -> StartedJob:
+    cfg = write_config(tmp / "long.toml", LONG_JOB)
+    env = job_env(tmp / "state")
+    res = psctl(
+        "start",
+        "--config",
+        str(cfg),
+        "--workers",
+        str(workers),
+        "--job-id",
+        job_id,
+        "--timeout",
+        "80",
+        env=env,
+    )
+    run_dir = tmp / "state" / "runs" / job_id
+    assert res.returncode == 0, res.stdout + res.stderr + _log(run_dir)
+    info = json.loads((run_dir / "job.json").read_text())
+    return StartedJob(job_id, run_dir, env, info)
+
+
+def stop_quietly(job: StartedJob) -> None:
+    """Teardown: make sure nothing of the job is left behind."""
+    if session_alive(job.info["sid"]):
+        job.psctl("stop", "--force", "--run", job.job_id)
+    assert not session_alive(job.info["sid"])
+
+
+def _log(run_dir: Path) -> str:
+    try:
+        return "\n--- job.log ---\n" + (run_dir / "job.log").read_text()[-4000:]
+    except OSError:
+        return ""

@@ -1,0 +1,293 @@
+"""Control plane end to end: `psctl start/status/checkpoint/stop` on a real detached job.
+
+One job serves the whole module (starting one costs seconds); the tests run
+in file order and the last one stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import write_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from jobctl import LONG_JOB, job_env, psctl, session_alive, start_job, stop_quietly
+
+from dbnps.common.errors import DataError
+from dbnps.server.checkpoint import load_checkpoint
+from dbnps.v1 import control_pb2 as pb
+from dbnps.v1 import control_pb2_grpc as pbg
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_ID = "ctl-test"
+
+
+def test_generated_proto_code_is_current(tmp_path):
+    """`make proto` output is checked in: regenerate and compare byte for byte."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-Iproto",
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        "proto/dbnps/v1/control.proto",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    names = ["control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py"]
+    match, mismatch, errors = filecmp.cmpfiles(
+        tmp_path / "dbnps" / "v1", REPO / "src" / "dbnps" / "v1", names, shallow=False
+    )
+    assert match == names, f"stale generated files {mismatch + errors}: run `make proto`"
+
+
+def test_user_errors_are_one_line(tmp_path):
+    env = job_env(tmp_path / "state")
+    res = psctl("status", "--run", "nope", env=env)
+    assert res.returncode != 0
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "nope" in res.stderr
+    with socket.socket() as s:  # a port that is taken
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = psctl("start", "--grpc-port", str(port), "--job-id", "x", env=env)
+    assert res.returncode != 0
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert str(port) in res.stderr
+    assert not (tmp_path / "state" / "runs" / "x").exists()
+
+
+def test_start_reports_a_job_that_dies(tmp_path):
+    """192.0.2.1 (TEST-NET-1) is not local: rank 0 cannot listen, the job ends, psctl says why."""
+    cfg = write_config(tmp_path / "c.toml", LONG_JOB)
+    env = job_env(tmp_path / "state")
+    res = psctl("start", "--config", str(cfg), "--bind", "192.0.2.1", "--job-id", "dies", env=env)
+    log = (tmp_path / "state" / "runs" / "dies" / "job.log").read_text()
+    assert res.returncode != 0
+    assert res.stderr.startswith("error: job dies exited"), res.stderr + log
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert "job.log" in res.stderr and "192.0.2.1" in res.stderr
+    info = json.loads((tmp_path / "state" / "runs" / "dies" / "job.json").read_text())
+    assert not session_alive(info["sid"])
+
+
+class HealthWatcher(threading.Thread):
+    """Watches grpc.health.v1 from the moment rank 0 publishes its endpoint."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(daemon=True)
+        self.run_dir = run_dir
+        self.seen: list[str] = []
+        self.stop_at = time.monotonic() + 120
+
+    def run(self):
+        ep = self.run_dir / "endpoints.json"
+        while not ep.exists() and time.monotonic() < self.stop_at:
+            time.sleep(0.01)
+        addr = json.loads(ep.read_text())["grpc"]
+        with grpc.insecure_channel(addr) as ch:
+            stream = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service="dbnps.v1.Control"), timeout=110
+            )
+            try:
+                for resp in stream:
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+                    if not self.seen or self.seen[-1] != name:
+                        self.seen.append(name)
+            except grpc.RpcError:
+                pass  # the server went away
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ctl")
+    watcher = HealthWatcher(tmp / "state" / "runs" / JOB_ID)
+    watcher.start()
+    j = start_job(tmp, JOB_ID)
+    j.watcher = watcher
+    yield j
+    stop_quietly(j)
+
+
+def _status(job) -> dict:
+    res = job.psctl("status", "--run", job.job_id, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_status_reports_progress(job):
+    assert job.watcher.seen[:2] == ["NOT_SERVING", "SERVING"], job.watcher.seen
+    a = _status(job)
+    time.sleep(0.5)
+    b = _status(job)
+    assert a["job_id"] == JOB_ID and a["ready"] and not a["stopping"]
+    assert a["config"]["sizes"] == [784, 32, 32] and a["config"]["n_workers"] == 2
+    assert int(b["version"]) > int(a["version"]) > 0
+    assert int(b["updates_applied"]) > int(a["updates_applied"])
+    assert (b["progress"]["phase_index"], b["progress"]["epoch"]) > (
+        a["progress"]["phase_index"],
+        a["progress"]["epoch"],
+    )
+    assert set(b["updates_rejected"]) >= {"stale", "nonfinite", "phase"}
+    assert sum(int(c) for c in b["staleness"]["counts"]) == int(b["staleness"]["count"]) > 0
+    assert [w["rank"] for w in b["workers"]] == [1, 2]
+    for w in b["workers"]:
+        assert w["alive"] and w["state"] == "running" and int(w["steps"]) > 0
+        assert 0 <= w["heartbeat_age_seconds"] < 10
+    assert b["has_loss"] and np.isfinite(b["loss"])
+    table = job.psctl("status", "--run", job.job_id)
+    assert table.returncode == 0 and "WORKER" in table.stdout and JOB_ID in table.stdout
+
+
+def test_mutating_rpcs_need_the_token(job):
+    with grpc.insecure_channel(job.grpc) as ch:
+        stub = pbg.ControlStub(ch)
+        for md in [(), (("authorization", "Bearer wrong"),), (("authorization", job.token),)]:
+            for call, req in [
+                (stub.Checkpoint, pb.CheckpointRequest()),
+                (stub.Stop, pb.StopRequest()),
+            ]:
+                with pytest.raises(grpc.RpcError) as e:
+                    call(req, metadata=md, timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # read-only calls need no token
+        assert stub.GetStatus(pb.GetStatusRequest(), timeout=10).ready
+        stub.ListCheckpoints(pb.ListCheckpointsRequest(), timeout=10)
+        # invalid fields and undecodable bytes, with a good token: INVALID_ARGUMENT, job lives on
+        good = (("authorization", f"Bearer {job.token}"),)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Stop(pb.StopRequest(timeout_seconds=-1), metadata=good, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ListCheckpoints(pb.ListCheckpointsRequest(limit=-2), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for method in ("GetStatus", "Stop"):
+            raw = ch.unary_unary(f"/dbnps.v1.Control/{method}")
+            with pytest.raises(grpc.RpcError) as e:
+                raw(b"\xff\xff\xff\xff", metadata=good, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert stub.GetStatus(pb.GetStatusRequest(), timeout=10).ready
+    bad = job.run_dir.parent / "bad-token"
+    bad.write_text("nope\n")
+    res = job.psctl("checkpoint", "--run", job.job_id, "--token-file", str(bad))
+    assert res.returncode != 0 and res.stderr.startswith("error: bad token"), res.stderr
+
+
+def test_reflection_lists_the_services(job):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(job.grpc) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=10)))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"dbnps.v1.Control", "grpc.health.v1.Health"} <= names
+
+
+def test_checkpoint_writes_a_verified_file(job):
+    res = job.psctl("checkpoint", "--run", job.job_id, "--note", "by test")
+    assert res.returncode == 0, res.stderr
+    path = Path(res.stdout.split()[0])
+    assert path.parent == job.run_dir / "checkpoints" and path.is_file()
+    params, rule, meta = load_checkpoint(path)
+    assert params.dtype == np.float32 and params.size == meta["n_params"] > 0
+    assert np.isfinite(params).all()
+    assert set(rule) == {"v"} and meta["update_rule"] == "momentum"  # the default rule
+    assert meta["note"] == "by test" and meta["version"] > 0 and meta["phase_name"] == "finetune"
+    listed = job.psctl("checkpoints", "--run", job.job_id, "--json")
+    assert str(path) in [c["path"] for c in json.loads(listed.stdout)]
+    # a damaged file, or a well-formed one whose contents do not match the digest, is refused
+    bad = job.run_dir.parent / "bad.npz"
+    shutil.copy(path, bad)
+    with open(bad, "r+b") as f:
+        f.seek(-200, 2)
+        f.write(b"\0" * 8)
+    with pytest.raises(DataError):
+        load_checkpoint(bad)
+    with np.load(path) as z:
+        entries = {k: z[k] for k in z.files}
+    entries["params"][0] += 1
+    np.savez(bad, **entries)
+    with pytest.raises(DataError, match="checksum"):
+        load_checkpoint(bad)
+
+
+def test_graceful_stop(job):
+    sid = job.info["sid"]
+    assert session_alive(sid)
+    res = job.psctl("stop", "--run", job.job_id)
+    assert res.returncode == 0, res.stderr
+    assert "exit status 0" in res.stdout
+    final = Path(res.stdout.split("final checkpoint ")[1].split()[0])
+    _, _, meta = load_checkpoint(final)
+    assert meta["stopped"] and meta["note"] == "stop" and meta["phase_name"] == "finetune"
+    assert json.loads((job.run_dir / "exit.json").read_text())["returncode"] == 0
+    assert json.loads((job.run_dir / "summary.json").read_text())["applied"] >= meta["version"]
+    deadline = time.monotonic() + 10
+    while session_alive(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not session_alive(sid), "processes of the job are left over"
+    job.watcher.join(10)
+    assert job.watcher.seen == ["NOT_SERVING", "SERVING", "NOT_SERVING"]
+    res = job.psctl("status", "--run", job.job_id)
+    assert res.returncode != 0 and "not running" in res.stderr
+    listed = json.loads(job.psctl("list", "--json").stdout)
+    assert [(r["job_id"], r["state"]) for r in listed] == [(JOB_ID, "exited 0")]
+
+
+def test_tls_control_plane(tmp_path):
+    """The control plane alone (no MPI): TLS with a self-signed certificate; not-ready answers."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    from dbnps.common.config import Config
+    from dbnps.server.control import ControlPlane
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cp = ControlPlane(
+        Config(),
+        job_id="tls",
+        run_dir=tmp_path,
+        token="t0k",
+        tls_cert=cert,
+        tls_key=key,
+        log=lambda *a: None,
+    )
+    cp.start()
+    try:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(cp.grpc_address, creds) as ch:
+            stub = pbg.ControlStub(ch)
+            s = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+            assert (s.job_id, s.ready, s.phase) == ("tls", False, "starting")
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:  # windows not ready yet
+                stub.Checkpoint(
+                    pb.CheckpointRequest(), metadata=(("authorization", "Bearer t0k"),), timeout=10
+                )
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(cp.grpc_address) as ch, pytest.raises(grpc.RpcError):
+            pbg.ControlStub(ch).GetStatus(pb.GetStatusRequest(), timeout=3)
+    finally:
+        cp.close(grace_s=0)
