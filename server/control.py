@@ -57,9 +57,9 @@ from dbnps.server.state import STALENESS_BUCKETS, ServerState
 from dbnps.v1 import control_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # "dbnps.v1.Control"
-HEARTBEAT_TIMEOUT_S = 10.0  # a worker silent for longer is reported as lost
 MAX_NOTE = 256
 MAX_TIMEOUT_S = 3600.0
+STOP_MARKER = "stop-requested"  # in the run dir: written by Stop, read by dbnps.cli.supervise
 
 _WORKER_STATES = {0.0: "starting", rma.STATE_RUNNING: "running", rma.STATE_DONE: "done"}
 
@@ -164,10 +164,14 @@ class ControlPlane:
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._metrics_httpd = None
+        self.restarts = 0  # times the supervisor relaunched this job (psctl --restart-on-failure)
+        self.resumed_from = ""  # checkpoint this process continued from
 
     # -- lifecycle (main thread) --------------------------------------------
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for p in self.store.clean_partial():
+            self.log(f"[control] removed a partial checkpoint left by a crashed writer: {p.name}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"),
@@ -407,6 +411,8 @@ class ControlPlane:
                 f"timeout_seconds must be in [0, {MAX_TIMEOUT_S:.0f}], got {t}",
             )
         timeout = t or 120.0
+        # Tells the supervisor that a non-zero exit from here on is no failure to restart.
+        (self.run_dir / STOP_MARKER).touch()
         self._submit("stop", min(timeout, self.request_timeout_s))
         self.log("[control] stop requested over gRPC")
         reply = pb.StopReply(stopping=True)
@@ -433,6 +439,8 @@ class ControlPlane:
             metrics_address=self.metrics_address,
             uptime_seconds=time.time() - self.start_time,
             checkpoints=self.store.count(),
+            restarts=self.restarts,
+            resumed_from=self.resumed_from,
         )
         c = msg.config
         c.sizes.extend(cfg.model.sizes)
@@ -478,8 +486,9 @@ class ControlPlane:
             beat = float(row[rma.HEARTBEAT])
             age = now - beat if beat > 0 else -1.0
             state = _WORKER_STATES.get(float(row[rma.STATE]), "unknown")
-            alive = state != "done" and (beat == 0 or age < HEARTBEAT_TIMEOUT_S)
-            if beat > 0 and state != "done" and age >= HEARTBEAT_TIMEOUT_S:
+            # The server's own verdict ([ps] heartbeat_timeout_s), not a second rule here.
+            alive = bool(st.worker_alive[w]) and state != "done"
+            if not st.worker_alive[w]:
                 state = "lost"
             msg.workers.add(
                 worker=w,

@@ -184,7 +184,8 @@ def _worker_metrics(st):
         rate.add_metric(lv, float(row[rma.RATE]))
         if beat > 0:
             age.add_metric(lv, now - beat)
-        up.add_metric(lv, float(row[rma.STATE] == rma.STATE_RUNNING))
+        running = row[rma.STATE] == rma.STATE_RUNNING and st.worker_alive[w]
+        up.add_metric(lv, float(running))  # 0 once done or marked dead (no heartbeat)
         steps.add_metric(lv, float(row[rma.STEPS]))
         samples.add_metric(lv, float(row[rma.ST_SAMPLES]))
         applied.add_metric(lv, int(st.worker_applied[w]))

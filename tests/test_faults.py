@@ -41,6 +41,7 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     from dbnps.cli.run import job_argv
@@ -52,8 +53,10 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
         {
             "model": {"sizes": [784, 64, 64]},
             "data": {"train_subset": 3000, "test_subset": 500},
+            "pretrain": {"epochs": 0.0},
             "finetune": {"epochs": 1000.0},
             "ps": {"step_timeout_s": 3.0},
+            "run": {"log_every_s": 0.5},
         },
     )
     run_dir = tmp_path / "run"
@@ -67,15 +70,22 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(4)  # training is under way
-        assert proc.poll() is None
+        deadline = time.monotonic() + 120
+        while not any("finetune epoch" in line for line in lines):  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
         # The server rank's command line starts with python (mpiexec's names it later on).
         pattern = f"^{sys.executable} -m dbnps.server .*{run_dir}"
         subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
         t0 = time.monotonic()
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         waited = time.monotonic() - t0
+        reader.join(timeout=10)
+        out = "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

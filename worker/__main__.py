@@ -48,8 +48,8 @@ def main(config_path, data_dir, **inject) -> None:
         die_worker=inject["inject_die_worker"],
         die_after=inject["inject_die_after"],
     )
-    worker = Worker(cfg, topo, layout, X, y, faults=faults)
     try:
+        worker = Worker(cfg, topo, layout, X, y, faults=faults)
         worker.run()
     except (rma.PSTimeout, MPI.Exception) as exc:
         # The server is gone or stuck: say so once and leave without the collective
