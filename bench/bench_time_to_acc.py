@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_run(config: str, target: float) -> dict:
+def one_run(config: str, target: float, pretrain_epochs: float | None = None) -> dict:
     """Train in this process until `target`; returns the measurements."""
     from dbnps.common.config import load
     from dbnps.common.mnist import load_mnist
@@ -35,6 +35,8 @@ def one_run(config: str, target: float) -> dict:
 
     cfg = load(config)
     cfg.run.eval_every_epochs = 1.0
+    if pretrain_epochs is not None:
+        cfg.pretrain.epochs = pretrain_epochs
     data = load_mnist(cfg.data.dir or None)
     reached: dict = {}
     t0 = time.perf_counter()
@@ -44,6 +46,7 @@ def one_run(config: str, target: float) -> dict:
         if acc is not None and acc >= target:
             reached.update(
                 wall_s=time.perf_counter() - t0,
+                cpu_s=rec["cpu_s"],
                 finetune_epochs=rec["epoch"],
                 test_acc=acc,
                 steps=rec["steps"],
@@ -58,6 +61,7 @@ def one_run(config: str, target: float) -> dict:
     return {
         "threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
         "target": target,
+        "pretrain_epochs": cfg.pretrain.epochs,
         "reached": bool(reached),
         **reached,
         "total_s": time.perf_counter() - t0,
@@ -72,17 +76,23 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "mnist-dbn.toml"))
     ap.add_argument("--target", type=float, default=0.985)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--pretrain-epochs", type=float, default=None, help="override [pretrain] epochs"
+    )
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(one_run(args.config, args.target)), flush=True)
+        result = one_run(args.config, args.target, args.pretrain_epochs)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     rows = []
     for t in args.threads:
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
         cmd = [sys.executable, __file__, "--child", "--config", args.config,
                "--target", str(args.target)]  # fmt: skip
+        if args.pretrain_epochs is not None:
+            cmd += ["--pretrain-epochs", str(args.pretrain_epochs)]
         print(f"== {t} thread(s): {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
         result = None
@@ -105,14 +115,15 @@ def main() -> None:
     lines = [
         f"# Time to {args.target:.1%} test accuracy, `{os.path.relpath(args.config, ROOT)}`",
         "",
-        "| BLAS threads | wall s to target | pretraining s | fine-tune epochs | test acc | load avg at end |",
-        "|---|---|---|---|---|---|",
+        "| BLAS threads | pretrain epochs/layer | wall s to target | CPU s to target | pretraining s | fine-tune epochs | test acc | load avg at end |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         wall = f"{r['wall_s']:.1f}" if r.get("reached") else "not reached"
+        cpu = f"{r['cpu_s']:.1f}" if r.get("reached") else "-"
         pre = f"{r['pretrain_end_s']:.1f}" if r.get("pretrain_end_s") else "-"
         lines.append(
-            f"| {r['threads']} | {wall} | {pre} | {r.get('finetune_epochs', '-')} | "
+            f"| {r['threads']} | {r['pretrain_epochs']:g} | {wall} | {cpu} | {pre} | {r.get('finetune_epochs', '-')} | "
             f"{r.get('test_acc', r['best_test_acc']):.2%} | {r['loadavg_end'][0]:.2f} |"
         )
     (out / "time-to-acc.md").write_text("\n".join(lines) + "\n")

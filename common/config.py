@@ -76,6 +76,8 @@ class RunConfig:
     max_steps: int = 0  # 0: no limit; else stop each worker after this many steps (tests)
     log_every_s: float = 5.0
     target_accuracy: float = 0.0  # 0: off; else fine-tuning stops once rank 0's test accuracy >= it
+    checkpoint_every_s: float = 0.0  # 0: off; else rank 0 checkpoints this often (wall seconds)
+    checkpoint_every_updates: int = 0  # 0: off; else rank 0 checkpoints every this many versions
 
 
 @dataclass
@@ -198,6 +200,36 @@ def validate(cfg: Config) -> None:
         0 <= cfg.run.target_accuracy <= 1,
         f"[run] target_accuracy must be in [0, 1] (0: off), got {cfg.run.target_accuracy}",
     )
+    _check(
+        cfg.run.checkpoint_every_s >= 0,
+        f"[run] checkpoint_every_s must be >= 0 (0: off), got {cfg.run.checkpoint_every_s}",
+    )
+    _check(
+        cfg.run.checkpoint_every_updates >= 0,
+        "[run] checkpoint_every_updates must be >= 0 (0: off), "
+        f"got {cfg.run.checkpoint_every_updates}",
+    )
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML that `load` reads back to an equal Config (resume writes it)."""
+    import json
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def load(path: str | Path | None) -> Config:

@@ -17,7 +17,9 @@ Randomness.  All of it comes from ``self.rng`` in a fixed order: the
 permutation (when a pass starts), then the step's own draws (CD sampling, or
 dropout masks).  Two StepGradients built with the same seed, data and config
 produce bit-identical gradient sequences when given identical parameters; the
-exactness test of the parameter server relies on this.
+exactness test of the parameter server relies on this.  Bit-identity also needs
+the same BLAS thread count in both processes: OpenBLAS splits a GEMM's sums
+differently for 1 and 2 threads, so results then differ in the last bits.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ class ParameterServer:
         evaluate=None,
         log=print,
         on_tick=None,
+        resume: tuple[np.ndarray, dict, dict] | None = None,
     ):
+        """`resume`: a verified checkpoint (params, rule state, meta) to continue from."""
         self.cfg = cfg
         self.topo = topo
         self.layout = layout
@@ -59,16 +61,50 @@ class ParameterServer:
         self._next_eval = cfg.run.eval_every_epochs
         self._last_log = time.time()
         self._last_refresh = 0.0
-        first = self._next_nonempty_phase(0)
+        self.checkpointer = None  # rank 0: a checkpoint.Periodic, set by dbnps.server.__main__
+        first, version, samples = self._next_nonempty_phase(0), 0, 0
+        if resume is not None:
+            init_flat, first, version, samples = self._restore(*resume)
         self.ps.lock_params()
         self.ps.params[:] = init_flat[self.lo : self.hi]
         self.ps.header[:] = 0
         self.ps.header[rma.PHASE] = first
+        self.ps.header[rma.VERSION] = version
+        self.ps.header[rma.SAMPLES] = samples
         self.ps.unlock_params()
         self.state.phase, self.state.phase_samples = first, self._phase_samples(first)
+        self.state.version, self.state.samples_in_phase = version, samples
         topo.comm.Barrier()  # parameters and phase are set before any worker pulls
         self.log(f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s)")
         self.log(f"[server] phase {layout.phase_name(first)} starts")
+
+    def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
+        """Continue from a checkpoint: (params, phase, version, samples in phase).
+
+        The update rule's state is loaded when it was saved for this rule and
+        this shard (rank 0's shard only; see dbnps.server.checkpoint).
+        """
+        if params.shape != (self.layout.size,) or params.dtype != np.float32:
+            raise ValueError(
+                f"checkpoint holds {params.shape} parameters, layout needs {self.layout.size}"
+            )
+        phase = self._next_nonempty_phase(int(meta["phase"]))
+        same_phase = phase == int(meta["phase"])
+        samples = int(meta["samples_in_phase"]) if same_phase else 0
+        if (
+            same_phase
+            and meta.get("update_rule") == self.rule.name
+            and list(meta.get("rule_shard", [])) == [self.lo, self.hi]
+        ):
+            self.rule.load_state(rule_state)
+        elif same_phase and rule_state:
+            self.log(
+                "[server] update-rule state not restored (other rule or shard): it restarts at zero"
+            )
+        if same_phase:
+            self._next_eval = float(meta.get("next_eval", self._next_eval))
+        self.state.test_accuracy = float(meta.get("test_accuracy", float("nan")))
+        return params, phase, int(meta["version"]), samples
 
     # -- phase schedule (rank 0 decides; followers copy) --------------------
     def _phase_samples(self, phase: int) -> int:
@@ -272,6 +308,7 @@ class ParameterServer:
                 pause = min(pause * 2, 5e-4)
             if self.topo.rank == 0:
                 self._rank0_tick()
+                self._maybe_checkpoint()
                 if self._all_workers_left():
                     break
             elif time.time() - self._last_log > 0.05:
@@ -334,6 +371,16 @@ class ParameterServer:
         if time.time() - self._last_log > self.cfg.run.log_every_s:
             self._last_log = time.time()
             self._record()
+
+    def _maybe_checkpoint(self) -> None:
+        """Rank 0, main thread: a periodic checkpoint when `[run] checkpoint_every_*` says so."""
+        c = self.checkpointer
+        if (
+            c is not None
+            and self.state.phase < self.layout.done_phase
+            and c.due(self.state.version)
+        ):
+            c.take(self)
 
     def _stop_at_target(self) -> None:
         """[run] target_accuracy > 0: end fine-tuning once an evaluation reaches it (rank 0).

@@ -231,3 +231,17 @@ def test_cli_train_local_small_end_to_end(tmp_path):
     d = load_mnist()
     n = cfg["data"]["test_subset"]
     assert accuracy(params, d.X_test[:n], d.y_test[:n]) == pytest.approx(meta["test_acc"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_full_recipe_reaches_98_8(tmp_path):
+    """The full 784-500-500-2000-10 recipe (~15 min on 2 cores): >= 98.8% test accuracy."""
+    out = tmp_path / "full.npz"
+    r = psctl(
+        "train", "--local", "--config", str(ROOT / "configs" / "mnist-dbn.toml"),
+        "--out", str(out), "--threads", "1", "--no-progress",
+        cwd=tmp_path, timeout=3600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert load_model(out)[3]["test_acc"] >= 0.988

@@ -245,9 +245,13 @@ def _target(
     run = find_run(run_id)
     if not run.running():
         raise UserError(f"job {run.id} is not running: {run.describe_end()}")
-    address = run.info.get("grpc") or run.endpoints().get("grpc")
+    # endpoints.json first: a job restarted after a failure listens on a new port.
+    address = run.endpoints().get("grpc") or run.info.get("grpc")
     if not address:
-        raise UserError(f"job {run.id} has no control-plane address yet (see `psctl logs`)")
+        raise UserError(
+            f"job {run.id} has no control-plane address yet (starting or restarting; "
+            "see `psctl logs`)"
+        )
     if token is None and (run.dir / "token").exists():
         from dbnps.server.control import read_token
 
@@ -352,6 +356,23 @@ def _kill_session(sid: int, grace_s: float = 5.0) -> int:
 @click.option("--tls-cert", type=click.Path(path_type=Path), default=None)
 @click.option("--tls-key", type=click.Path(path_type=Path), default=None)
 @click.option("--keep-checkpoints", type=click.IntRange(1), default=3, show_default=True)
+@click.option(
+    "--resume",
+    "resume",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[RUN|CHECKPOINT]",
+    help="continue from a checkpoint file, or the newest good one of a run "
+    "(id or dir; alone: the latest run)",
+)
+@click.option(
+    "--restart-on-failure",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="relaunch from the newest good checkpoint when the job dies, at most N times",
+)
 def start_cmd(
     config,
     workers,
@@ -365,6 +386,8 @@ def start_cmd(
     tls_cert,
     tls_key,
     keep_checkpoints,
+    resume,
+    restart_on_failure,
 ) -> None:
     """Start a training job in the background and wait until it serves."""
     from dbnps.cli.run import job_argv
@@ -373,8 +396,13 @@ def start_cmd(
     from dbnps.common.launcher import mpi_env
     from dbnps.common.mnist import resolve_data_dir
 
-    cfg = load(config)  # a bad config fails here, once, not in every rank
-    layout_of(cfg)
+    resumed = _resume_source(resume) if resume is not None else None
+    # Resuming without --config: the checkpoint's own config (written into the new run dir).
+    # Otherwise a bad config fails here, once, not in every rank.
+    cfg = resumed["cfg"] if resumed is not None and config is None else load(config)
+    layout = layout_of(cfg)
+    if resumed is not None:
+        _check_resumable(resumed, cfg, layout.size)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
     if workers < 1 or servers < 1:
         raise UserError("--workers and --servers must be >= 1")
@@ -405,6 +433,11 @@ def start_cmd(
     token_path = run_dir / "token"
     from dbnps.server.control import write_token
 
+    if resumed is not None and config is None:
+        from dbnps.common.config import to_toml
+
+        config = run_dir / "config.toml"
+        config.write_text(to_toml(cfg))
     write_token(token_path, secrets.token_urlsafe(32))
     server_args = [
         "--run-dir",
@@ -424,6 +457,8 @@ def start_cmd(
     ]
     if tls_cert is not None:
         server_args += ["--tls-cert", str(tls_cert.resolve()), "--tls-key", str(tls_key.resolve())]
+    if resumed is not None:
+        server_args += ["--resume", str(resumed["path"])]
     config_abs = config.resolve() if config is not None else None
     argv = job_argv(
         config_abs, workers, servers, data, run_dir, extra_server_args=tuple(server_args)
@@ -431,7 +466,18 @@ def start_cmd(
     log = run_dir / "job.log"
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dbnps.cli.supervise", str(run_dir / "exit.json"), "--", *argv],
+            [
+                sys.executable,
+                "-m",
+                "dbnps.cli.supervise",
+                str(run_dir / "exit.json"),
+                "--restart-on-failure",
+                str(restart_on_failure),
+                "--run-dir",
+                str(run_dir),
+                "--",
+                *argv,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -458,6 +504,16 @@ def start_cmd(
         "started": time.time(),
         "started_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": argv,
+        "restart_on_failure": restart_on_failure,
+        "resumed_from": None
+        if resumed is None
+        else {
+            "checkpoint": str(resumed["path"]),
+            "run": resumed["run"],
+            "version": resumed["meta"]["version"],
+            "phase": resumed["meta"]["phase_name"],
+            "samples_in_phase": resumed["meta"]["samples_in_phase"],
+        },
     }
     _write_json(run_dir / "job.json", info)
     latest_tmp = root / f".latest.{os.getpid()}"
@@ -493,7 +549,58 @@ def start_cmd(
     if info["metrics"]:
         click.echo(f"  metrics  http://{info['metrics']}/metrics")
     click.echo(f"  log      {log}")
+    if resumed is not None:
+        m = resumed["meta"]
+        click.echo(
+            f"  resumed  {resumed['path']} (phase {m['phase_name']}, version {m['version']})"
+        )
     click.echo("  next     psctl status | psctl logs -f | psctl checkpoint | psctl stop")
+
+
+def _resume_source(spec: str) -> dict:
+    """The checkpoint `psctl start --resume SPEC` continues from (verified), or UserError.
+
+    SPEC: "" (the latest run), a run id, a run or checkpoints directory, or a
+    checkpoint file.  In a directory the newest good checkpoint is taken; each
+    newer corrupt one is reported with one warning line on stderr.
+    """
+    from dbnps.common.config import from_dict
+    from dbnps.server.checkpoint import find_resumable
+
+    if spec == "":
+        where = find_run(None).dir
+    elif Path(spec).exists():
+        where = Path(spec)
+    else:
+        where = find_run(spec).dir
+    path, (params, _, meta) = find_resumable(where, warn=lambda m: click.echo(m, err=True))
+    try:
+        cfg = from_dict(meta["config"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {path} has no usable config ({exc})") from None
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return {
+        "path": path.resolve(),
+        "meta": meta,
+        "cfg": cfg,
+        "n_params": params.size,
+        "run": str(run.resolve()),
+    }
+
+
+def _check_resumable(resumed: dict, cfg, n_params: int) -> None:
+    path, meta = resumed["path"], resumed["meta"]
+    if resumed["n_params"] != n_params:
+        raise UserError(
+            f"cannot resume from {path}: it holds {resumed['n_params']} parameters, "
+            f"the config's network has {n_params}"
+        )
+    if meta.get("update_rule") != cfg.ps.update_rule:
+        click.echo(
+            f"warning: {path} was trained with update rule {meta.get('update_rule')}, the "
+            f"config says {cfg.ps.update_rule}: the optimizer state restarts at zero",
+            err=True,
+        )
 
 
 # -- psctl status --------------------------------------------------------------------
@@ -525,7 +632,9 @@ def _fmt_status(msg) -> str:
         f"job {msg.job_id}  {'stopping' if msg.stopping else 'running' if msg.ready else 'starting'}"
         f"  up {msg.uptime_seconds:.0f}s  {msg.config.n_servers} server(s), "
         f"{msg.config.n_workers} worker(s)  net {'-'.join(map(str, msg.config.sizes))}"
-        f"  rule {msg.config.update_rule}",
+        f"  rule {msg.config.update_rule}"
+        + (f"  restarts {msg.restarts}" if msg.restarts else "")
+        + (f"  resumed from {msg.resumed_from}" if msg.resumed_from else ""),
         f"phase {p.phase} ({p.phase_index + 1}/{p.n_phases})  epoch {p.epoch:.2f}/"
         f"{p.phase_epochs:g} ({100 * p.fraction:.1f}%)  version {msg.version}",
         f"updates applied {msg.updates_applied}, rejected {sum(rej.values())}"

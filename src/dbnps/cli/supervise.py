@@ -1,14 +1,28 @@
-"""`python -m dbnps.cli.supervise EXIT_JSON -- CMD...`: run a detached job, record how it ended.
+"""`python -m dbnps.cli.supervise EXIT_JSON [OPTIONS] -- CMD...`: run a detached job, record how it ended.
 
 `psctl start` launches this in a new session (so the job outlives the shell
 and every process of it shares one session id); it runs `mpiexec` as its
 child, forwards SIGTERM/SIGINT/SIGHUP to it, and writes the exit status to
 EXIT_JSON atomically when mpiexec ends, so `psctl stop` and `psctl status`
 can report it although they are not the job's parent.
+
+`--restart-on-failure N --run-dir DIR` (torchrun's `--max-restarts`): when
+mpiexec ends with a non-zero status that no stop caused (no signal forwarded
+by us, no `stop-requested` marker written by the server's Stop RPC), relaunch
+the job from the newest good checkpoint in DIR/checkpoints (a corrupt one is
+skipped with a warning), at most N times.  No checkpoint yet: from the
+original `--resume` source if there was one, else from scratch.  Each restart
+is appended to DIR/restarts.json and told to the server (`--restarts`), so
+`psctl status` shows the count.
+
+The wait for mpiexec has no timeout of its own, because a job may train for
+days; a dead or stuck server ends the job through the workers' watchdogs
+(`[ps] step_timeout_s`), and mpiexec then ends too.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,26 +31,124 @@ import sys
 import time
 from pathlib import Path
 
+STOP_MARKER = "stop-requested"  # = dbnps.server.control.STOP_MARKER (no grpc import here)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def with_server_args(cmd: list[str], extra: list[str]) -> list[str]:
+    """`cmd` (an MPMD mpiexec argv) with `extra` appended to the server's arguments.
+
+    They go last in the server section, so they override an earlier `--resume`.
+    """
+    try:
+        i = cmd.index("dbnps.server")
+    except ValueError:
+        return [*cmd, *extra]
+    j = cmd.index(":", i) if ":" in cmd[i:] else len(cmd)
+    return [*cmd[:j], *extra, *cmd[j:]]
+
+
+def _original_resume(cmd: list[str]) -> str | None:
+    out = None
+    for a, b in itertools.pairwise(cmd):
+        if b == ":":
+            break
+        if a == "--resume":
+            out = b
+    return out
+
+
+def _log(msg: str) -> None:
+    print(f"[supervise] {msg}", flush=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 3 or args[1] != "--":
-        print("usage: python -m dbnps.cli.supervise EXIT_JSON -- CMD...", file=sys.stderr)
+    usage = (
+        "usage: python -m dbnps.cli.supervise EXIT_JSON "
+        "[--restart-on-failure N --run-dir DIR] -- CMD..."
+    )
+    if len(args) < 3 or "--" not in args[1:]:
+        print(usage, file=sys.stderr)
         return 2
-    exit_file, cmd = Path(args[0]), args[2:]
-    proc = subprocess.Popen(cmd)
+    sep = args.index("--", 1)
+    exit_file, opts, cmd = Path(args[0]), args[1:sep], args[sep + 1 :]
+    max_restarts, run_dir = 0, exit_file.parent
+    while opts:
+        if opts[0] == "--restart-on-failure" and len(opts) > 1 and opts[1].isdigit():
+            max_restarts, opts = int(opts[1]), opts[2:]
+        elif opts[0] == "--run-dir" and len(opts) > 1:
+            run_dir, opts = Path(opts[1]), opts[2:]
+        else:
+            print(usage, file=sys.stderr)
+            return 2
+    if not cmd:
+        print(usage, file=sys.stderr)
+        return 2
+
+    proc: subprocess.Popen | None = None
+    signalled: list[int] = []
 
     def forward(signum, _frame):
-        if proc.poll() is None:
+        signalled.append(signum)
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    rc = proc.wait()
-    tmp = exit_file.with_name(f".{exit_file.name}.tmp")
-    tmp.write_text(json.dumps({"returncode": rc, "ended": time.time()}) + "\n")
-    os.replace(tmp, exit_file)
+
+    restarts: list[dict] = []
+    original = _original_resume(cmd)
+    this_cmd = cmd
+    while True:
+        (run_dir / STOP_MARKER).unlink(missing_ok=True)
+        proc = subprocess.Popen(this_cmd)
+        rc = proc.wait()
+        stopped = bool(signalled) or (run_dir / STOP_MARKER).exists()
+        if rc == 0 or stopped or len(restarts) >= max_restarts:
+            if rc != 0 and not stopped and max_restarts:
+                _log(f"job exited with status {rc}; no restarts left ({max_restarts} used)")
+            break
+        source, version = _restart_point(run_dir, original)
+        n = len(restarts) + 1
+        restarts.append(
+            {
+                "restart": n,
+                "time": time.time(),
+                "returncode": rc,
+                "resumed_from": source,
+                "version": version,
+            }
+        )
+        _write_json(run_dir / "restarts.json", restarts)
+        where = f"{source} (version {version})" if source else "the start (no checkpoint yet)"
+        _log(f"job exited with status {rc}; restart {n}/{max_restarts} from {where}")
+        (run_dir / "endpoints.json").unlink(missing_ok=True)  # the old address is dead
+        extra = ["--restarts", str(n)] + (["--resume", source] if source else [])
+        this_cmd = with_server_args(cmd, extra)
+    _write_json(exit_file, {"returncode": rc, "ended": time.time(), "restarts": len(restarts)})
     return rc if rc >= 0 else 128 - rc
+
+
+def _restart_point(run_dir: Path, original: str | None) -> tuple[str | None, int | None]:
+    """(checkpoint to resume from, its version): the newest good one, else `original`."""
+    from dbnps.common.errors import DataError
+    from dbnps.server.checkpoint import find_resumable
+
+    try:
+        path, (_, _, meta) = find_resumable(run_dir / "checkpoints", warn=_log, quarantine=True)
+        return str(path), int(meta["version"])
+    except DataError as exc:
+        if original is None:
+            _log(f"{exc}; restarting from scratch")
+            return None, None
+        _log(f"{exc}; restarting from {original}")
+        return original, None
 
 
 if __name__ == "__main__":
