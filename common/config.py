@@ -211,25 +211,30 @@ def validate(cfg: Config) -> None:
     )
 
 
-def to_toml(cfg: Config) -> str:
-    """The config as TOML that `load` reads back to an equal Config (resume writes it)."""
+def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """{section: {key: value}} as TOML (bools, ints, floats, strings, lists of those)."""
     import json
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v)
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
     lines = []
-    for section, values in cfg.to_dict().items():
+    for section, values in sections.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML that `load` reads back to an equal Config (resume writes it)."""
+    return dump_toml(cfg.to_dict())
 
 
 def load(path: str | Path | None) -> Config:

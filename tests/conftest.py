@@ -9,28 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from dbnps.common.config import dump_toml
 from dbnps.common.launcher import mpi_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(path: Path, sections: dict) -> Path:
-    """Write a TOML config from {section: {key: value}} (ints, floats, bools, strs, lists)."""
-
-    def fmt(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
-
-    lines = []
-    for sec, kv in sections.items():
-        lines.append(f"[{sec}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in kv.items()]
-    path.write_text("\n".join(lines) + "\n")
+    """Write a TOML config from {section: {key: value}}."""
+    path.write_text(dump_toml(sections))
     return path
 
 

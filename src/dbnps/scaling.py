@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dbnps.common.config import Config, load
+from dbnps.common.config import load, to_toml
 from dbnps.common.errors import UserError
 
 COLUMNS = [
@@ -69,28 +69,6 @@ def parse_workers(text: str) -> list[int]:
     if ks[0] != 1:
         raise UserError(f"--workers must include 1 (the speed-up baseline), got {text!r}")
     return ks
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else "nan"
-    return repr(v)
-
-
-def config_toml(cfg: Config) -> str:
-    """The whole config as TOML (every key written, so the copy is self-contained)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def measure(summary: dict[str, Any], target: float) -> dict[str, Any]:
@@ -284,7 +262,7 @@ def run_scaling(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "config.toml"
     cfg_path.write_text(
-        f"# {mode} copy of {config} written by the scaling benchmark\n" + config_toml(cfg)
+        f"# {mode} copy of {config} written by the scaling benchmark\n" + to_toml(cfg)
     )
     arch = "-".join(map(str, cfg.model.sizes)) + f"-{cfg.model.classes}"
     what = (
