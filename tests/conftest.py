@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,16 @@ def write_config(path: Path, sections: dict) -> Path:
     """Write a TOML config from {section: {key: value}}."""
     path.write_text(dump_toml(sections))
     return path
+
+
+def kill_server_rank(run_dir: Path) -> None:
+    """SIGKILL the server rank(s) of the job whose command line names `run_dir`.
+
+    Anchored on the interpreter (`.../python` or `.../python3`, whichever launched
+    the ranks): mpiexec's own command line names the same paths and must survive.
+    """
+    pattern = rf"^\S*/python3? -m dbnps\.server .*{re.escape(str(run_dir))}"
+    subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
 
 
 @dataclass

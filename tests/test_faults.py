@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import write_config
+from conftest import kill_server_rank, write_config
 
 
 def test_sigkill_of_one_worker_job_completes(tmp_path, job):
@@ -40,7 +40,6 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
     """No hang: workers waiting on a dead server give up after step_timeout_s, one line each."""
     import signal
     import subprocess
-    import sys
     import threading
     import time
 
@@ -78,9 +77,7 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
         while not any("finetune epoch" in line for line in lines):  # training is under way
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             time.sleep(0.2)
-        # The server rank's command line starts with python (mpiexec's names it later on).
-        pattern = f"^{sys.executable} -m dbnps.server .*{run_dir}"
-        subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
+        kill_server_rank(run_dir)
         t0 = time.monotonic()
         proc.wait(timeout=60)
         waited = time.monotonic() - t0

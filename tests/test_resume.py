@@ -10,13 +10,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
-from conftest import run_job, write_config
+from conftest import kill_server_rank, run_job, write_config
 from jobctl import job_env, psctl, session_alive
 
 from dbnps.server.checkpoint import load_checkpoint
@@ -28,9 +26,10 @@ CFG = {
     "model": {"sizes": [784, 64, 64]},
     "data": {"train_subset": 3000, "test_subset": 1000},
     "pretrain": {"epochs": 1.0},
-    "finetune": {"epochs": 100.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+    # Long enough (~9000 updates) that a stop or a kill always lands mid-run.
+    "finetune": {"epochs": 300.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
     "ps": {"step_timeout_s": 3.0},
-    "run": {"checkpoint_every_updates": EVERY, "eval_every_epochs": 10.0},
+    "run": {"checkpoint_every_updates": EVERY, "eval_every_epochs": 50.0},
 }
 
 
@@ -94,8 +93,7 @@ def test_sigkill_of_the_server_restarts_from_the_last_checkpoint(tmp_path):
             "fine-tuning past version 300",
         )
         seen = st.version
-        pattern = f"^{sys.executable} -m dbnps.server .*{run_dir}"
-        subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
+        kill_server_rank(run_dir)
         t_kill = time.monotonic()
         # The supervisor relaunches the job; its status counts the restart.
         st2 = _wait_for(
