@@ -305,7 +305,7 @@ class ParameterServer:
                 pause = 1e-5
             else:
                 time.sleep(pause)
-                pause = min(pause * 2, 5e-4)
+                pause = min(pause * 2, 2e-4)  # <= 0.2 ms late to a push, ~10% of a core
             if self.topo.rank == 0:
                 self._rank0_tick()
                 self._maybe_checkpoint()

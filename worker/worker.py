@@ -141,6 +141,7 @@ class Worker:
         loss = float("nan")
         t_rate, s_rate = time.monotonic(), 0
         rate = 0.0
+        prof = dict.fromkeys(("step", "push", "wait", "pull"), 0.0)
         while True:
             if info.members != self.members:
                 # The server marked a worker dead: take our part of its shard.
@@ -164,7 +165,9 @@ class Worker:
                 acc_samples = acc_steps = 0
             lo, hi = layout.phase_range(phase)
             self._progress = time.monotonic()
+            t0 = time.perf_counter()
             loss, n = self._step(phase, info.samples / max(self.n_train, 1))
+            prof["step"] += time.perf_counter() - t0
             if n_push > 1:
                 if acc_steps == 0:
                     self.acc.flat[lo:hi] = self.grad.flat[lo:hi]
@@ -177,7 +180,9 @@ class Worker:
             if acc_steps == n_push:
                 if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
                     self.acc.flat[lo] = np.float32("nan")
+                t0 = time.perf_counter()
                 client.push(self.acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
+                prof["push"] += time.perf_counter() - t0
                 pushes += 1
                 acc_samples = acc_steps = 0
                 if cfg.ps.sync:
@@ -202,8 +207,12 @@ class Worker:
                 # hand us parameters without our last update (staleness >= 1 even
                 # alone, which momentum turns into oscillation).  The wait is one
                 # server apply (~0.3 ms for the full model) against a ~10 ms step.
+                t0 = time.perf_counter()
                 client.wait()
+                t1 = time.perf_counter()
                 info = client.pull(self.params.flat, lo, hi)
+                prof["wait"] += t1 - t0
+                prof["pull"] += time.perf_counter() - t1
                 pulls += 1
             else:
                 hdr = client.header(0)
@@ -211,6 +220,10 @@ class Worker:
                     info = client.pull(self.params.flat, 0, layout.size)
                     pulls += 1
         client.wait()  # our last push has been taken (applied or rejected) before we leave
+        if os.environ.get("DBNPS_PROFILE"):
+            total = sum(prof.values())
+            parts = "  ".join(f"{k} {1e3 * v / max(steps, 1):.2f}" for k, v in prof.items())
+            print(f"[worker {self.me}] ms/step: {parts}  ({steps} steps, {total:.1f}s)", flush=True)
         client.report(
             steps=steps,
             samples=samples,
