@@ -85,3 +85,17 @@ def test_bad_files(tmp_path: Path) -> None:
     wrong.write_text("[pretrain]\nlr = -1.0\n")
     with pytest.raises(ConfigError, match=r"\[pretrain\] lr must be > 0"):
         config.load(wrong)
+
+
+def test_every_shipped_config_loads_and_chains():
+    """configs/*.toml (the README's and the demo's) stay valid as the schema evolves."""
+    from pathlib import Path
+
+    from dbnps.common.config import load
+    from dbnps.common.job import layout_of
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert {p.name for p in paths} >= {"demo.toml", "mnist-dbn.toml", "small.toml"}
+    for p in paths:
+        cfg = load(p)
+        assert layout_of(cfg).size > 0, p
