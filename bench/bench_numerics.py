@@ -131,11 +131,11 @@ def main() -> None:
 
     from dbnps.common.config import load
     from dbnps.common.dbn import init_params
+    from dbnps.common.job import init_rng, step_rng
     from dbnps.common.layout import Layout
     from dbnps.common.mnist import load_mnist
     from dbnps.common.schedule import batch_size
     from dbnps.common.steps import StepGradient
-    from dbnps.common.trainer import init_rng, step_rng
     from dbnps.common.updaters import make_rule
 
     cfg = load(args.config)

@@ -17,19 +17,30 @@ def layout_of(cfg: Config) -> Layout:
     return Layout(cfg.model.sizes, cfg.model.classes)
 
 
+def init_rng(seed: int) -> np.random.Generator:
+    """The generator of `init_params` (server and single process alike)."""
+    return np.random.default_rng(seed)
+
+
+def step_rng(seed: int, worker: int = 0) -> np.random.Generator:
+    """The generator of worker `worker`'s StepGradient (the single process is worker 0)."""
+    return np.random.default_rng([seed, 1, worker])
+
+
+def apply_subsets(cfg: Config, data: MNIST) -> MNIST:
+    """`data` cut to [data] train_subset / test_subset (0: all); slicing again is a no-op."""
+    n_tr = cfg.data.train_subset or len(data.X_train)
+    n_te = cfg.data.test_subset or len(data.X_test)
+    return MNIST(data.X_train[:n_tr], data.y_train[:n_tr], data.X_test[:n_te], data.y_test[:n_te])
+
+
 def load_data(cfg: Config, data_dir: str | None = None) -> MNIST:
     """MNIST with the config's subsets applied (`--data-dir` beats `[data] dir`)."""
-    d = load_mnist(data_dir or cfg.data.dir or None)
-    n, m = cfg.data.train_subset, cfg.data.test_subset
-    if n:
-        d.X_train, d.y_train = d.X_train[:n], d.y_train[:n]
-    if m:
-        d.X_test, d.y_test = d.X_test[:m], d.y_test[:m]
-    return d
+    return apply_subsets(cfg, load_mnist(data_dir or cfg.data.dir or None))
 
 
 def initial_params(cfg: Config, layout: Layout, X_train: np.ndarray) -> np.ndarray:
     """The flat initial vector: the same seed gives the same vector in every process."""
     from dbnps.common.dbn import init_params
 
-    return init_params(layout, np.random.default_rng(cfg.run.seed), X_train).flat
+    return init_params(layout, init_rng(cfg.run.seed), X_train).flat

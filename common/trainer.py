@@ -24,34 +24,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from dbnps.common.config import Config
-from dbnps.common.dbn import accuracy, init_params
+from dbnps.common.dbn import accuracy
 from dbnps.common.errors import UserError
-from dbnps.common.layout import Layout, Params
+from dbnps.common.job import apply_subsets, initial_params, layout_of, step_rng
+from dbnps.common.layout import Params
 from dbnps.common.schedule import hyper, phase_epochs
 from dbnps.common.steps import StepGradient
 from dbnps.common.updaters import make_rule
 
 EpochCallback = Callable[[dict[str, Any], Params], Any]
-
-
-def init_rng(seed: int) -> np.random.Generator:
-    """The generator of `init_params` (server and single process alike)."""
-    return np.random.default_rng(seed)
-
-
-def step_rng(seed: int, worker: int = 0) -> np.random.Generator:
-    """The generator of worker `worker`'s StepGradient (the single process is worker 0)."""
-    return np.random.default_rng([seed, 1, worker])
-
-
-def apply_subsets(cfg: Config, data: Any) -> tuple[np.ndarray, ...]:
-    """(X_train, y_train, X_test, y_test) cut to [data] train_subset / test_subset (0: all)."""
-    n_tr = cfg.data.train_subset or len(data.X_train)
-    n_te = cfg.data.test_subset or len(data.X_test)
-    return data.X_train[:n_tr], data.y_train[:n_tr], data.X_test[:n_te], data.y_test[:n_te]
 
 
 def train_local(
@@ -72,11 +54,12 @@ def train_local(
     return value stops training (e.g. a time-to-accuracy benchmark).
     [run] max_steps > 0 caps the total number of steps.
     """
-    layout = Layout(cfg.model.sizes, cfg.model.classes)
+    layout = layout_of(cfg)
     L = layout.n_layers
-    X, y, X_test, y_test = apply_subsets(cfg, data)
+    d = apply_subsets(cfg, data)
+    X, y, X_test, y_test = d.X_train, d.y_train, d.X_test, d.y_test
     n_train = len(X)
-    params = init_params(layout, init_rng(cfg.run.seed), X)
+    params = layout.views(initial_params(cfg, layout, X))
     grad = layout.zeros()
     sg = StepGradient(layout, cfg, X, y, step_rng(cfg.run.seed, 0))
     rule = make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)

@@ -12,10 +12,11 @@ import pytest
 
 from dbnps.common.config import from_dict, load
 from dbnps.common.errors import DataError
+from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
 from dbnps.common.model import load_model, save_model
 from dbnps.common.steps import StepGradient
-from dbnps.common.trainer import step_rng, train_local
+from dbnps.common.trainer import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 PSCTL = str(Path(sys.executable).parent / "psctl")

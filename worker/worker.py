@@ -25,6 +25,7 @@ import numpy as np
 
 from dbnps.common import rma
 from dbnps.common.config import Config
+from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
 
 
@@ -67,7 +68,7 @@ class Worker:
         self.params = layout.zeros()
         self.grad = layout.zeros()
         self.acc = layout.zeros() if cfg.ps.n_push > 1 else self.grad
-        self.rng = np.random.default_rng([cfg.run.seed, 1, self.me])
+        self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
         if self.faults.synthetic_grad is None:
             self._reshard(set())
