@@ -5,8 +5,8 @@ main thread may call MPI.  Handlers therefore never touch the windows:
 
 * `GetStatus` and the Prometheus collector read `ServerState` directly (the
   live object the loop mutates; never a copy).  The workers' stats rows live
-  in the window, so the main thread refreshes `state.worker_stats` from
-  `on_tick` every `refresh_s` seconds.
+  in the window; the server loop refreshes `state.worker_stats` every 0.1 s
+  (`ParameterServer.refresh_workers`, also its liveness check).
 * `Checkpoint` and `Stop` put a request on a queue and wait (with a timeout)
   for the main thread to execute it from `on_tick`, the hook
   `ParameterServer.run` calls on every loop iteration.  For a checkpoint the
@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -131,7 +130,6 @@ class ControlPlane:
         tls_key: Path | None = None,
         keep_checkpoints: int = 3,
         request_timeout_s: float = 60.0,
-        refresh_s: float = 0.2,
         n_servers: int = 1,
         n_workers: int = 0,
         log=print,
@@ -145,7 +143,6 @@ class ControlPlane:
         self._token = token.encode() if token else None
         self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
         self.request_timeout_s = request_timeout_s
-        self.refresh_s = refresh_s
         self.n_servers, self.n_workers = n_servers, n_workers
         self.log = log
         self.store = ckpt.CheckpointStore(self.run_dir / "checkpoints", keep=keep_checkpoints)
@@ -160,7 +157,6 @@ class ControlPlane:
         self._closed = False
         self._stop_phase: int | None = None
         self._final: futures.Future = futures.Future()
-        self._next_refresh = 0.0
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._metrics_httpd = None
@@ -228,16 +224,12 @@ class ControlPlane:
         """The windows exist: status and mutating calls can be served."""
         self.ps = ps
         self.n_servers, self.n_workers = ps.topo.n_servers, ps.topo.n_workers
-        self._refresh(ps)
+        ps.refresh_workers()
         self.state = ps.state
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def on_tick(self, ps) -> None:
         """Called by `ParameterServer.run` on every iteration: keep it cheap."""
-        now = time.monotonic()
-        if now >= self._next_refresh:
-            self._next_refresh = now + self.refresh_s
-            self._refresh(ps)
         if self._requests:
             self._drain(ps)
 
@@ -247,7 +239,7 @@ class ControlPlane:
             self._closed = True
         self.stopping = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._refresh(ps)
+        ps.refresh_workers()
         self._drain(ps)
         info = None
         if ps.state.stopped:
@@ -273,14 +265,6 @@ class ControlPlane:
             self._metrics_httpd = None
 
     # -- main-thread work ----------------------------------------------------
-    def _refresh(self, ps) -> None:
-        st = ps.state
-        stats = ps.ps.read_stats()
-        st.worker_stats = stats  # one reference swap: readers see the old or the new array
-        seen = stats[:, rma.HEARTBEAT] > 0
-        if seen.any():
-            st.loss = float(np.mean(stats[seen, rma.LOSS]))
-
     def _drain(self, ps) -> None:
         while self._requests:
             req = self._requests.popleft()

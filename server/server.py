@@ -247,10 +247,7 @@ class ParameterServer:
     # -- evaluation and logging (rank 0) -----------------------------------
     def _record(self, *, final_of_phase: bool = False, wait: bool = False) -> None:
         st = self.state
-        st.worker_stats = self.ps.read_stats()
-        alive = st.worker_stats[:, rma.HEARTBEAT] > 0
-        if alive.any():
-            st.loss = float(np.mean(st.worker_stats[alive, rma.LOSS]))
+        self.refresh_workers()
         entry = {
             "t": round(time.time() - st.start_time, 3),
             "phase": st.phase_name,
@@ -325,9 +322,13 @@ class ParameterServer:
         return st
 
     # -- membership (rank 0): heartbeats in the stats region ---------------
-    def _refresh_workers(self) -> None:
+    def refresh_workers(self) -> None:
+        """Rank 0, main thread: read the stats rows; update loss, heartbeat ages, liveness."""
         st = self.state
-        st.worker_stats = self.ps.read_stats()
+        st.worker_stats = self.ps.read_stats()  # one reference swap for readers on other threads
+        seen = st.worker_stats[:, rma.HEARTBEAT] > 0
+        if seen.any():
+            st.loss = float(np.mean(st.worker_stats[seen, rma.LOSS]))
         now = time.time()
         beat = st.worker_stats[:, rma.HEARTBEAT]
         # A worker that has not reported yet counts from the server's start.
@@ -355,7 +356,7 @@ class ParameterServer:
         if time.time() - self._last_refresh < 0.1:
             return False
         self._last_refresh = time.time()
-        self._refresh_workers()
+        self.refresh_workers()
         st = self.state
         done = st.worker_stats[:, rma.STATE] == rma.STATE_DONE
         return bool(np.all(done | ~st.worker_alive))
