@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import write_config  # noqa: E402
 
-from dbnps.cli.run import job_argv  # noqa: E402
+from dbnps import scaling  # noqa: E402
 from dbnps.common.launcher import mpi_env, spmd_argv  # noqa: E402
 from dbnps.common.mnist import resolve_data_dir  # noqa: E402
 
@@ -74,11 +74,9 @@ def bench_path(reps: int = 50) -> dict:
 
 
 def run_job(cfg: Path, workers: int, run_dir: Path, worker_args=(), timeout=600) -> dict:
-    argv = job_argv(cfg, workers, 1, resolve_data_dir(None), run_dir, tuple(worker_args))
-    proc = subprocess.run(argv, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+    return scaling.run_job(
+        cfg, workers, run_dir, resolve_data_dir(None), timeout, worker_args=tuple(worker_args)
+    )[0]
 
 
 def step_time(steps: int = 60, *, with_update: bool = False) -> float:

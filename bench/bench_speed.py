@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +25,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_ps import machine  # noqa: E402
 
-from dbnps.cli.run import job_argv  # noqa: E402
 from dbnps.common.config import load, to_toml  # noqa: E402
-from dbnps.common.launcher import mpi_env  # noqa: E402
 from dbnps.common.mnist import resolve_data_dir  # noqa: E402
+from dbnps.scaling import run_job  # noqa: E402
 
 
 def local(config: str, target: float, threads: int) -> dict:
@@ -62,19 +60,7 @@ def distributed(config: str, target: float, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speed.toml"
         path.write_text(to_toml(cfg))
-        run_dir = Path(tmp) / "run"
-        run_dir.mkdir()
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            job_argv(path, workers, 1, resolve_data_dir(None), run_dir),
-            env=mpi_env(),
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-        s = json.loads((run_dir / "summary.json").read_text())
+        s, wall = run_job(path, workers, Path(tmp) / "run", resolve_data_dir(None), 3600)
     hit = next((h for h in s["history"] if h.get("test_accuracy", 0) >= target), None)
     return {
         "workers": workers,

@@ -198,14 +198,23 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, *, time_name: str, subtitle:
 
 
 def run_job(
-    config_path: Path, workers: int, run_dir: Path, data_dir: Path, timeout: float
+    config_path: Path,
+    workers: int,
+    run_dir: Path,
+    data_dir: Path,
+    timeout: float,
+    *,
+    worker_args: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], float]:
-    """One `psctl run`-equivalent job (1 server); (summary, wall seconds). Log: run_dir/job.log."""
+    """One `psctl run`-equivalent job (1 server); (summary, wall seconds). Log: run_dir/job.log.
+
+    `worker_args` go to every worker (the benchmarks' synthetic-pusher flags).
+    """
     from dbnps.cli.run import job_argv
     from dbnps.common.launcher import mpi_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = job_argv(config_path, workers, 1, data_dir, run_dir)
+    argv = job_argv(config_path, workers, 1, data_dir, run_dir, worker_args)
     log = run_dir / "job.log"
     t0 = time.perf_counter()
     try:
