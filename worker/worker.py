@@ -43,6 +43,25 @@ class Faults:
     die_after: int = 0
 
 
+class Profile:
+    """Seconds per part of the Downpour step, per phase (printed when DBNPS_PROFILE=1)."""
+
+    PARTS = ("step", "push", "wait", "pull")
+
+    def __init__(self):
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def phase(self, name: str) -> dict[str, float]:
+        return self.phases.setdefault(name, dict.fromkeys((*self.PARTS, "steps"), 0.0))
+
+    def print(self, who: str) -> None:
+        for name, p in self.phases.items():
+            n = max(p["steps"], 1)
+            parts = "  ".join(f"{k} {1e3 * p[k] / n:.2f}" for k in self.PARTS)
+            total = sum(p[k] for k in self.PARTS)
+            print(f"{who} {name} ms/step: {parts}  ({n:.0f} steps, {total:.1f}s)", flush=True)
+
+
 class Worker:
     def __init__(
         self,
@@ -142,7 +161,7 @@ class Worker:
         loss = float("nan")
         t_rate, s_rate = time.monotonic(), 0
         rate = 0.0
-        prof = dict.fromkeys(("step", "push", "wait", "pull"), 0.0)
+        profile = Profile()
         while True:
             if info.members != self.members:
                 # The server marked a worker dead: take our part of its shard.
@@ -164,11 +183,13 @@ class Worker:
                 if self.sampler is not None:
                     self.sampler.begin_phase(phase, self.params)
                 acc_samples = acc_steps = 0
+                prof = profile.phase(layout.phase_name(phase))
             lo, hi = layout.phase_range(phase)
             self._progress = time.monotonic()
             t0 = time.perf_counter()
             loss, n = self._step(phase, info.samples / max(self.n_train, 1))
             prof["step"] += time.perf_counter() - t0
+            prof["steps"] += 1
             if n_push > 1:
                 if acc_steps == 0:
                     self.acc.flat[lo:hi] = self.grad.flat[lo:hi]
@@ -222,9 +243,7 @@ class Worker:
                     pulls += 1
         client.wait()  # our last push has been taken (applied or rejected) before we leave
         if os.environ.get("DBNPS_PROFILE"):
-            total = sum(prof.values())
-            parts = "  ".join(f"{k} {1e3 * v / max(steps, 1):.2f}" for k, v in prof.items())
-            print(f"[worker {self.me}] ms/step: {parts}  ({steps} steps, {total:.1f}s)", flush=True)
+            profile.print(f"[worker {self.me}]")
         client.report(
             steps=steps,
             samples=samples,
