@@ -245,7 +245,15 @@ class ParameterServer:
         return good, agg
 
     # -- evaluation and logging (rank 0) -----------------------------------
-    def _record(self, *, final_of_phase: bool = False, wait: bool = False) -> None:
+    def _record(
+        self, *, evaluate: bool = True, final_of_phase: bool = False, wait: bool = False
+    ) -> None:
+        """Append a history entry and log it; in fine-tuning, start a test evaluation.
+
+        `evaluate=False` (the periodic log line) only reports: evaluations run on
+        the `eval_every_epochs` schedule and at phase ends, as in the local trainer,
+        since each one costs rank 0 a forward pass over the test set.
+        """
         st = self.state
         self.refresh_workers()
         entry = {
@@ -256,7 +264,7 @@ class ParameterServer:
             "loss": st.loss,
         }
         finetune = st.phase == self.layout.finetune_phase
-        if finetune and self.evaluate is not None:
+        if finetune and self.evaluate is not None and (evaluate or final_of_phase or wait):
             self._collect_eval()
             if self._eval is None or wait or final_of_phase:
                 self.ps.gather_params(self._flat)
@@ -371,7 +379,7 @@ class ParameterServer:
         self._stop_at_target()
         if time.time() - self._last_log > self.cfg.run.log_every_s:
             self._last_log = time.time()
-            self._record()
+            self._record(evaluate=False)
 
     def _maybe_checkpoint(self) -> None:
         """Rank 0, main thread: a periodic checkpoint when `[run] checkpoint_every_*` says so."""
