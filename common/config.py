@@ -62,11 +62,19 @@ class PSConfig:
     update_rule: str = "momentum"  # sgd | momentum | adagrad
     n_fetch: int = 1  # pull every n_fetch steps
     n_push: int = 1  # push the sum of n_push gradients
+    pretrain_n_fetch: int = 0  # n_fetch while pretraining; 0: same as n_fetch
+    pretrain_n_push: int = 0  # n_push while pretraining; 0: same as n_push
     staleness_bound: int = 0  # tau; 0: unbounded. A push staler than tau is dropped
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is marked dead
+
+    def every(self, *, pretraining: bool) -> tuple[int, int]:
+        """(n_fetch, n_push) of a pretraining or a fine-tuning phase."""
+        if pretraining:
+            return (self.pretrain_n_fetch or self.n_fetch, self.pretrain_n_push or self.n_push)
+        return self.n_fetch, self.n_push
 
 
 @dataclass
@@ -187,6 +195,8 @@ def validate(cfg: Config) -> None:
     )
     _check(p.n_fetch >= 1, f"[ps] n_fetch must be >= 1, got {p.n_fetch}")
     _check(p.n_push >= 1, f"[ps] n_push must be >= 1, got {p.n_push}")
+    for key in ("pretrain_n_fetch", "pretrain_n_push"):
+        _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: as n_fetch/n_push)")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")

@@ -86,7 +86,8 @@ class Worker:
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
         self.params = layout.zeros()
         self.grad = layout.zeros()
-        self.acc = layout.zeros() if cfg.ps.n_push > 1 else self.grad
+        accumulate = max(cfg.ps.every(pretraining=True)[1], cfg.ps.every(pretraining=False)[1]) > 1
+        self.acc = layout.zeros() if accumulate else self.grad
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
         if self.faults.synthetic_grad is None:
@@ -152,7 +153,7 @@ class Worker:
 
     def _run(self) -> None:
         cfg, layout, client = self.cfg, self.layout, self.client
-        n_fetch, n_push = cfg.ps.n_fetch, cfg.ps.n_push
+        n_fetch = n_push = phase_steps = 1
         info = client.pull(self.params.flat, 0, layout.size)
         phase = -1
         steps = pushes = pulls = 0
@@ -182,7 +183,8 @@ class Worker:
                 phase = info.phase
                 if self.sampler is not None:
                     self.sampler.begin_phase(phase, self.params)
-                acc_samples = acc_steps = 0
+                acc_samples = acc_steps = phase_steps = 0
+                n_fetch, n_push = cfg.ps.every(pretraining=phase < layout.n_layers)
                 prof = profile.phase(layout.phase_name(phase))
             lo, hi = layout.phase_range(phase)
             self._progress = time.monotonic()
@@ -190,20 +192,22 @@ class Worker:
             loss, n = self._step(phase, info.samples / max(self.n_train, 1))
             prof["step"] += time.perf_counter() - t0
             prof["steps"] += 1
+            acc = self.acc if n_push > 1 else self.grad  # n_push 1: push the gradient as is
             if n_push > 1:
                 if acc_steps == 0:
-                    self.acc.flat[lo:hi] = self.grad.flat[lo:hi]
+                    acc.flat[lo:hi] = self.grad.flat[lo:hi]
                 else:
-                    self.acc.flat[lo:hi] += self.grad.flat[lo:hi]
+                    acc.flat[lo:hi] += self.grad.flat[lo:hi]
             acc_samples += n
             acc_steps += 1
+            phase_steps += 1
             steps += 1
             samples += n
             if acc_steps == n_push:
                 if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
-                    self.acc.flat[lo] = np.float32("nan")
+                    acc.flat[lo] = np.float32("nan")
                 t0 = time.perf_counter()
-                client.push(self.acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
+                client.push(acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
                 prof["push"] += time.perf_counter() - t0
                 pushes += 1
                 acc_samples = acc_steps = 0
@@ -224,11 +228,12 @@ class Worker:
                 )
             if cfg.run.max_steps and steps >= cfg.run.max_steps:
                 break
-            if steps % n_fetch == 0:
+            if phase_steps % n_fetch == 0:
                 # Read your own writes: a pull that races our in-flight push would
                 # hand us parameters without our last update (staleness >= 1 even
                 # alone, which momentum turns into oscillation).  The wait is one
-                # server apply (~0.3 ms for the full model) against a ~10 ms step.
+                # server check + apply (~1.3 ms for the full model) against a
+                # ~12 ms step.
                 t0 = time.perf_counter()
                 client.wait()
                 t1 = time.perf_counter()
