@@ -69,6 +69,7 @@ class PSConfig:
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is marked dead
+    exit_timeout_s: float = 60.0  # a rank stuck this long in the end-of-job collective leaves
 
     def every(self, *, pretraining: bool) -> tuple[int, int]:
         """(n_fetch, n_push) of a pretraining or a fine-tuning phase."""
@@ -204,6 +205,7 @@ def validate(cfg: Config) -> None:
         p.heartbeat_timeout_s > 0,
         f"[ps] heartbeat_timeout_s must be > 0, got {p.heartbeat_timeout_s}",
     )
+    _check(p.exit_timeout_s > 0, f"[ps] exit_timeout_s must be > 0, got {p.exit_timeout_s}")
     _check(cfg.run.eval_every_epochs > 0, "[run] eval_every_epochs must be > 0")
     _check(cfg.run.max_steps >= 0, "[run] max_steps must be >= 0")
     _check(

@@ -58,6 +58,9 @@ float64 exactly as the window expects; dtypes are checked at this boundary.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -165,14 +168,27 @@ class Windows:
             w.Free()
 
 
-def finalize(topo: Topology, windows: Windows) -> bool:
+def finalize(
+    topo: Topology, windows: Windows, *, timeout_s: float = 120.0, delay_s: float = 0.0
+) -> bool:
     """Collective end of a job that also works after a rank died (ULFM).
 
     `Agree` reports a process failure uniformly to every survivor; then the
     survivors acknowledge it, shrink the communicator and meet there.  Returns
     False when some rank had failed.  Without `--with-ft ulfm` a dead rank
     takes the whole job down before we get here, so the first branch is taken.
+
+    A rank that dies *inside* this collective can leave the others waiting in
+    it for ever (seen once in 10 random kills), and no MPI call here takes a
+    timeout.  Everything worth keeping is written before this point (model,
+    summary, checkpoints), so a timer ends the process with one line and exit
+    status 4 after `timeout_s`.  `delay_s` is a test hook: a rank that is late.
     """
+    who = f"rank {topo.rank}"
+    timer = threading.Timer(timeout_s, _give_up, (who, timeout_s))
+    timer.daemon = True
+    timer.start()
+    time.sleep(delay_s)
     comm = topo.comm
     comm.Set_errhandler(MPI.ERRORS_RETURN)
     try:
@@ -184,7 +200,18 @@ def finalize(topo: Topology, windows: Windows) -> bool:
         healthy = False
     (comm if healthy else comm.Shrink()).Barrier()
     windows.free()
+    timer.cancel()
     return healthy
+
+
+def _give_up(who: str, timeout_s: float) -> None:
+    print(
+        f"error: {who}: the job's collective exit did not complete within {timeout_s:.0f}s "
+        f"(a rank died or hangs in it); leaving without it, results are already written",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(4)
 
 
 # -- worker side ------------------------------------------------------------

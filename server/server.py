@@ -426,7 +426,8 @@ class ParameterServer:
             if st.phase >= self.layout.finetune_phase and self.evaluate is not None:
                 self.log(f"final test accuracy: {st.test_accuracy:.4f}")
             self._pool.shutdown()
-        healthy = rma.finalize(self.topo, self.win)  # rank 0 has read every shard by now
+        # Rank 0 has read every shard and written the results by now.
+        healthy = rma.finalize(self.topo, self.win, timeout_s=self.cfg.ps.exit_timeout_s)
         if not healthy:
             self.log("[server] a rank had failed; the survivors finished without it")
         return result

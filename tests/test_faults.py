@@ -91,3 +91,34 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if line.startswith("error: worker")]
     assert errors, (proc.returncode, out[-3000:])
+
+
+def test_a_rank_stuck_in_the_exit_collective_does_not_hang_the_job(tmp_path, job):
+    """Worker 1 enters the end-of-job collective 10 minutes late: every rank leaves after
+    exit_timeout_s with one line, and the results written before it are intact."""
+    import time
+
+    cfg_path = write_config(
+        tmp_path / "late.toml",
+        {
+            "model": {"sizes": [784, 32]},
+            "data": {"train_subset": 600, "test_subset": 200},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 1.0},
+            "ps": {"exit_timeout_s": 3.0},
+        },
+    )
+    t0 = time.monotonic()
+    res = job(
+        cfg_path,
+        workers=2,
+        worker_args=("--inject-finalize-delay-worker", "1", "--inject-finalize-delay-s", "600"),
+        timeout=90,
+    )
+    assert time.monotonic() - t0 < 60, res.output
+    assert res.rc != 0
+    assert "collective exit did not complete within 3s" in res.output
+    assert "Traceback" not in res.output
+    # Written before the collective: the summary and the model are there.
+    assert res.summary["phase"] == "done" and 0 < res.summary["test_accuracy"] <= 1
+    assert (res.run_dir / "model.npz").stat().st_size > 0

@@ -26,6 +26,8 @@ from dbnps.common.job import layout_of, load_data
 @click.option("--inject-step-s", type=float, default=0.0, hidden=True)
 @click.option("--inject-die-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-die-after", type=int, default=0, hidden=True)
+@click.option("--inject-finalize-delay-worker", type=int, default=-1, hidden=True)
+@click.option("--inject-finalize-delay-s", type=float, default=0.0, hidden=True)
 @exit_on_user_error
 def main(config_path, data_dir, **inject) -> None:
     from dbnps.worker.worker import Faults, Worker
@@ -47,6 +49,8 @@ def main(config_path, data_dir, **inject) -> None:
         step_s=inject["inject_step_s"],
         die_worker=inject["inject_die_worker"],
         die_after=inject["inject_die_after"],
+        finalize_delay_worker=inject["inject_finalize_delay_worker"],
+        finalize_delay_s=inject["inject_finalize_delay_s"],
     )
     try:
         worker = Worker(cfg, topo, layout, X, y, faults=faults)

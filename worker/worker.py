@@ -41,6 +41,8 @@ class Faults:
     step_s: float = 0.0  # every worker sleeps this per step: compute emulated off-CPU (benchmarks)
     die_worker: int = -1  # this worker SIGKILLs itself after `die_after` steps
     die_after: int = 0
+    finalize_delay_worker: int = -1  # this worker enters the end-of-job collective late
+    finalize_delay_s: float = 0.0
 
 
 class Profile:
@@ -261,4 +263,11 @@ class Worker:
 
     def finish(self) -> None:
         """Collective exit matching the servers' `finish` (survives a dead rank under ULFM)."""
-        rma.finalize(self.topo, self.win)
+        rma.finalize(
+            self.topo,
+            self.win,
+            timeout_s=self.cfg.ps.exit_timeout_s,
+            delay_s=self.faults.finalize_delay_s
+            if self.faults.finalize_delay_worker == self.me
+            else 0,
+        )
