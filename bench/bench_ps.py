@@ -26,17 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from dbnps import scaling
+from dbnps.common.config import dump_toml
+from dbnps.common.launcher import mpi_env, spmd_argv
+from dbnps.common.mnist import resolve_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import write_config  # noqa: E402
-
-from dbnps import scaling  # noqa: E402
-from dbnps.common.launcher import mpi_env, spmd_argv  # noqa: E402
-from dbnps.common.mnist import resolve_data_dir  # noqa: E402
 
 FULL = [784, 500, 500, 2000]
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    path.write_text(dump_toml(sections))
+    return path
 
 
 def machine() -> dict:

@@ -28,9 +28,7 @@ def mpiexec_path() -> str:
     return found
 
 
-def mpi_env(
-    base: Mapping[str, str] | None = None, *, fault_tolerant: bool = False
-) -> dict[str, str]:
+def mpi_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for mpiexec and its ranks.
 
     - `OMPI_MCA_osc=^ucx`: the UCX one-sided component prints a harmless error
@@ -50,8 +48,6 @@ def mpi_env(
         env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
         env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
-    if fault_tolerant:
-        env.setdefault("OMPI_MCA_mpi_ft_enable", "true")
     return env
 
 

@@ -93,11 +93,10 @@ def test_mpi_env_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["OMPI_MCA_osc"] == "^ucx"
 
 
-def test_mpi_env_keeps_user_choices_and_ft() -> None:
-    env = launcher.mpi_env({"OMPI_MCA_osc": "sm", "OPENBLAS_NUM_THREADS": "4"}, fault_tolerant=True)
+def test_mpi_env_keeps_user_choices() -> None:
+    env = launcher.mpi_env({"OMPI_MCA_osc": "sm", "OPENBLAS_NUM_THREADS": "4"})
     assert env["OMPI_MCA_osc"] == "sm"
     assert env["OPENBLAS_NUM_THREADS"] == "4"
-    assert env["OMPI_MCA_mpi_ft_enable"] == "true"
 
 
 def test_mpi_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:

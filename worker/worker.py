@@ -88,8 +88,8 @@ class Worker:
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
         self.params = layout.zeros()
         self.grad = layout.zeros()
-        accumulate = max(cfg.ps.every(pretraining=True)[1], cfg.ps.every(pretraining=False)[1]) > 1
-        self.acc = layout.zeros() if accumulate else self.grad
+        accumulates = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
+        self.acc = layout.zeros() if accumulates else self.grad
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
         if self.faults.synthetic_grad is None:
