@@ -10,7 +10,10 @@ updated in place with no allocation on the hot path.
     Momentum  v <- mu * v - lr * g ;  p <- p + v          (Hinton's RBM/DBN recipe)
     Adagrad   s <- s + g^2 ;         p <- p - lr * g / (sqrt(s) + eps)   (Downpour)
 
-`g` is overwritten (it is scratch once applied).
+`g` is overwritten (it is scratch once applied).  `delta` computes the
+increment without touching `p` (p_new = p + delta): the server's `apply` is
+`p += delta(g)`, and in `[ps] mode = "accumulate"` a worker sends `delta(g)`
+to the server with MPI_Accumulate(SUM) instead.
 """
 
 from __future__ import annotations
@@ -29,9 +32,16 @@ class UpdateRule:
     def reset(self) -> None:
         """Forget optimizer state (at a phase change)."""
 
+    def delta(self, g: np.ndarray, lr: float, momentum: float, lo: int = 0) -> np.ndarray:
+        """The increment for gradient `g` (computed in g or in the rule's state; don't keep it).
+
+        `lo` is g's offset in the rule's state.  Advances the state (velocity, sums).
+        """
+        raise NotImplementedError
+
     def apply(self, p: np.ndarray, g: np.ndarray, lr: float, momentum: float, lo: int = 0) -> None:
         """Update `p` in place from gradient `g`; `lo` is p's offset in the rule's state."""
-        raise NotImplementedError
+        p += self.delta(g, lr, momentum, lo)
 
     def state(self) -> dict[str, np.ndarray]:
         return {}
@@ -44,9 +54,9 @@ class UpdateRule:
 class SGD(UpdateRule):
     name = "sgd"
 
-    def apply(self, p, g, lr, momentum, lo=0):
+    def delta(self, g, lr, momentum, lo=0):
         g *= np.float32(-lr)
-        p += g
+        return g
 
 
 class Momentum(UpdateRule):
@@ -59,12 +69,12 @@ class Momentum(UpdateRule):
     def reset(self):
         self.v[...] = 0
 
-    def apply(self, p, g, lr, momentum, lo=0):
-        v = self.v[lo : lo + p.size]
+    def delta(self, g, lr, momentum, lo=0):
+        v = self.v[lo : lo + g.size]
         v *= np.float32(momentum)
         g *= np.float32(lr)
         v -= g
-        p += v
+        return v
 
     def state(self):
         return {"v": self.v}
@@ -82,16 +92,16 @@ class Adagrad(UpdateRule):
     def reset(self):
         self.s[...] = 0
 
-    def apply(self, p, g, lr, momentum, lo=0):
-        s = self.s[lo : lo + p.size]
-        t = self._tmp[: p.size]
+    def delta(self, g, lr, momentum, lo=0):
+        s = self.s[lo : lo + g.size]
+        t = self._tmp[: g.size]
         np.multiply(g, g, out=t)
         s += t
         np.sqrt(s, out=t)
         t += self.eps
         g /= t
-        g *= np.float32(lr)
-        p -= g
+        g *= np.float32(-lr)
+        return g
 
     def state(self):
         return {"s": self.s}
