@@ -60,6 +60,10 @@ class FinetuneConfig:
 @dataclass
 class PSConfig:
     update_rule: str = "momentum"  # sgd | momentum | adagrad
+    # apply: the server validates and applies each push with the rule (default).
+    # accumulate: a worker runs the rule on its own gradients and MPI_Accumulates
+    # the increment into the server's window itself (1 server rank only).
+    mode: str = "apply"
     n_fetch: int = 1  # pull every n_fetch steps
     n_push: int = 1  # push the sum of n_push gradients
     pretrain_n_fetch: int = 0  # n_fetch while pretraining; 0: same as n_fetch
@@ -103,6 +107,7 @@ class Config:
 
 
 UPDATE_RULES = ("sgd", "momentum", "adagrad")
+PS_MODES = ("apply", "accumulate")
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -194,6 +199,7 @@ def validate(cfg: Config) -> None:
         p.update_rule in UPDATE_RULES,
         f"[ps] update_rule must be one of {', '.join(UPDATE_RULES)}, got {p.update_rule!r}",
     )
+    _check(p.mode in PS_MODES, f"[ps] mode must be one of {', '.join(PS_MODES)}, got {p.mode!r}")
     _check(p.n_fetch >= 1, f"[ps] n_fetch must be >= 1, got {p.n_fetch}")
     _check(p.n_push >= 1, f"[ps] n_push must be >= 1, got {p.n_push}")
     for key in ("pretrain_n_fetch", "pretrain_n_push"):

@@ -9,8 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from dbnps.common.config import Config
+from dbnps.common.errors import UserError
 from dbnps.common.layout import Layout
 from dbnps.common.mnist import MNIST, load_mnist
+
+
+def check_ranks(cfg: Config, workers: int, servers: int) -> None:
+    """Refuse a job shape the config cannot run (psctl before launching; every rank at start)."""
+    if workers < 1 or servers < 1:
+        raise UserError("--workers and --servers must be >= 1")
+    if cfg.ps.mode == "accumulate" and servers != 1:
+        raise UserError(f'[ps] mode = "accumulate" runs with exactly 1 server rank, got {servers}')
 
 
 def layout_of(cfg: Config) -> Layout:

@@ -10,10 +10,18 @@ The API has ps-lite's shape.  Worker side (`PSClient`): `pull`, `push`,
 returns the pending pushes, the server's update rule (the pluggable request
 handle, see `dbnps.server.server`) applies them, `ack` completes them.
 
+Two modes (`[ps] mode`).  "apply" (default): pushes land in per-worker slots
+and the server validates and applies them.  "accumulate" (1 server rank):
+a worker runs the update rule on its own gradients and `accumulate`s the
+increment straight into the parameters (MPI_Accumulate SUM under the
+exclusive lock), then writes the outcome to its mailbox so the server can
+count it; there is no swin, and the server only keeps the books and the
+phase schedule.
+
 Window layout on server rank s, which owns the flat-vector shard [base_s, base_s + n_s)
 (K workers, worker w = world rank S + w)::
 
-  pwin  (disp_unit 1, bytes)                         writers: server s only
+  pwin  (disp_unit 1, bytes)       writers: server s (accumulate mode: workers too, exclusive lock)
   +---------+-------+---------+------+---------+------------------+---------------------+
   | VERSION | PHASE | SAMPLES | STOP | MEMBERS | DEAD[ceil(K/64)] | params float32[n_s] |
   +---------+-------+---------+------+---------+------------------+---------------------+
@@ -21,7 +29,7 @@ Window layout on server rank s, which owns the flat-vector shard [base_s, base_s
    STOP 1 = workers leave now, 2 = every worker has left (servers leave);
    MEMBERS counts membership changes; DEAD is a bitmask of dead workers.
 
-  swin  (disp_unit 4, float32)                       writer of slot w: worker w
+  swin  (disp_unit 4, float32)     writer of slot w: worker w  (0 bytes in accumulate mode)
   +----------------+----------------+-----+------------------+
   | slot 0 [n_s]   | slot 1 [n_s]   | ... | slot K-1 [n_s]   |   pushed gradients
   +----------------+----------------+-----+------------------+
@@ -40,6 +48,12 @@ Consistency rules (MPI-4.1 §12.7; ../shared/ARCHITECTURE.md):
   epoch holding a Get of the header and a Get of the parameters, so a pull
   never sees a half-applied update and the version it reads is exactly the
   version of the values it reads.
+* Accumulate mode: one `pwin.Lock(0, EXCLUSIVE)` epoch per push: Get
+  VERSION/PHASE/SAMPLES, Flush, and only if the phase is the worker's and not
+  yet complete and the push is within tau: Accumulate(SUM) the increment and
+  Put VERSION+1, SAMPLES+n.  Pulls (shared lock) and the server's own writes
+  (exclusive) exclude it, so reads never see half an increment.  The worker
+  checks the increment is finite (one BLAS dot) before it sends anything.
 * Push: worker w writes only slot w and only when its slot is free
   (ACK_SEQ == PUSH_SEQ).  It Puts the gradient (epoch closed: complete at the
   target), then atomically writes the metadata words, flushes, and atomically
@@ -145,7 +159,9 @@ class Topology:
 class Windows:
     """The three RMA windows of a job (collective creation and destruction)."""
 
-    def __init__(self, topo: Topology, size: int):
+    def __init__(self, topo: Topology, size: int, *, slots: bool = True):
+        """`slots=False` (`[ps] mode = "accumulate"`): no push slots, workers
+        Accumulate into the parameters instead."""
         self.topo = topo
         self.size = size
         self.bounds = shard_bounds(size, topo.n_servers)
@@ -157,7 +173,7 @@ class Windows:
         self.hdr_words = header_words(K)
         self.hdr_bytes = 8 * self.hdr_words
         self.pwin = MPI.Win.Allocate(self.hdr_bytes + 4 * n_s if server else 0, 1, comm=comm)
-        self.swin = MPI.Win.Allocate(4 * K * n_s if server else 0, 4, comm=comm)
+        self.swin = MPI.Win.Allocate(4 * K * n_s if server and slots else 0, 4, comm=comm)
         self.cwin = MPI.Win.Allocate(8 * 2 * K * MB_WORDS if server else 0, 8, comm=comm)
 
         for w in (self.pwin, self.swin, self.cwin):
@@ -237,6 +253,7 @@ class PSClient:
         self.seq = 0  # pushes issued by this worker (same on every server)
         self.versions = np.zeros(S, dtype=np.int64)
         self._hdr = np.zeros(win.hdr_words, dtype=np.int64)
+        self._hdr3 = np.zeros(3, dtype=np.int64)  # VERSION PHASE SAMPLES (accumulate mode)
         self._meta = np.zeros(MB_WORDS - PULLED, dtype=np.int64)  # words PULLED..HI
         self._seq_buf = np.zeros(1, dtype=np.int64)
         self._one = np.zeros(1, dtype=np.int64)
@@ -333,6 +350,58 @@ class PSClient:
                 time.sleep(5e-5)
         self._wait_ema = 0.8 * self._wait_ema + 0.2 * (time.monotonic() - self._pushed_at)
 
+    def accumulate(
+        self,
+        delta: np.ndarray,
+        lo: int,
+        hi: int,
+        *,
+        n_samples: int,
+        phase: int,
+        phase_samples: int,
+        staleness_bound: int = 0,
+    ) -> int:
+        """`[ps] mode = "accumulate"`: add `delta` (= params[lo:hi] increment) on server 0.
+
+        One exclusive-lock epoch: read VERSION/PHASE/SAMPLES, and only if the
+        phase is still ours, not yet complete, and the push is within the
+        staleness bound, MPI_Accumulate(SUM) the increment and advance VERSION
+        and SAMPLES.  Pullers hold a shared lock, so they never see half of it;
+        the update is complete at the target when this returns (read-your-writes
+        without waiting for the server).  A non-finite delta is never sent.  The
+        outcome goes to the mailbox like a push, so the server counts it.
+        Returns the result code (APPLIED, REJECTED_*).
+        """
+        if delta.dtype != np.float32 or delta.shape != (hi - lo,):
+            raise TypeError(f"delta must be float32[{hi - lo}], got {delta.dtype}{delta.shape}")
+        if self.topo.n_servers != 1:
+            raise RuntimeError("accumulate mode needs exactly one server rank")
+        self.wait(self.seq)  # the server has counted our previous push (mailbox is free)
+        pwin, hdr = self.w.pwin, self._hdr3
+        before = -1
+        if not np.isfinite(np.dot(delta, delta)):
+            result = REJECTED_NONFINITE
+        else:
+            pwin.Lock(0, MPI.LOCK_EXCLUSIVE)
+            pwin.Get([hdr, MPI.INT64_T], 0, (0, 3, MPI.INT64_T))
+            pwin.Flush(0)
+            before = int(hdr[VERSION])
+            if hdr[PHASE] != phase or hdr[SAMPLES] >= phase_samples:
+                result = REJECTED_PHASE
+            elif staleness_bound and before - self.versions[0] > staleness_bound:
+                result = REJECTED_STALE
+            else:
+                disp = (self.w.hdr_bytes + 4 * lo, hi - lo, MPI.FLOAT)
+                pwin.Accumulate([delta, MPI.FLOAT], 0, disp, MPI.SUM)
+                hdr[VERSION] += 1
+                hdr[SAMPLES] += n_samples
+                pwin.Put([hdr, MPI.INT64_T], 0, (0, 3, MPI.INT64_T))
+                self.bytes_pushed += 4 * (hi - lo)
+                result = APPLIED
+            pwin.Unlock(0)
+        self._record(0, (self.versions[0], n_samples, phase, result, before, 0))
+        return result
+
     def push(self, grad: np.ndarray, lo: int, hi: int, *, n_samples: int, phase: int) -> int:
         """Push grad[lo:hi] (pulled at `self.versions`) to every shard; returns its timestamp.
 
@@ -341,10 +410,8 @@ class PSClient:
         """
         _check(grad, np.float32, self.w.size)
         self.wait(self.seq)
-        seq = self.seq + 1
-        swin, cwin = self.w.swin, self.w.cwin
+        swin = self.w.swin
         n_s_all = [b - a for a, b in self.w.bounds]
-        meta, seq_buf = self._meta, self._seq_buf
         for s, a, b, blo in self._parts(lo, hi):
             if b > a:
                 view = grad[a:b]
@@ -353,16 +420,36 @@ class PSClient:
                 swin.Unlock(s)  # the gradient is complete at the target before the seq bump
                 self.bytes_pushed += 4 * (b - a)
             off = (a - blo, b - blo) if b > a else (0, 0)  # an empty part is (0, 0)
-            meta[:] = (self.versions[s], n_samples, phase, 0, *off)
-            seq_buf[0] = seq
-            base = self.me * MB_WORDS
+            self._record(s, (self.versions[s], n_samples, phase, 0, *off), bump=False)
+        return self._bump()
+
+    def _record(self, s: int, words: tuple, *, bump: bool = True) -> None:
+        """Write mailbox words PULLED..HI on server s (atomic), then bump PUSH_SEQ everywhere."""
+        meta, cwin = self._meta, self.w.cwin
+        meta[:] = words
+        cwin.Lock(s, MPI.LOCK_SHARED)
+        cwin.Accumulate(
+            [meta, MPI.INT64_T],
+            s,
+            (self.me * MB_WORDS + PULLED, meta.size, MPI.INT64_T),
+            MPI.REPLACE,
+        )
+        cwin.Unlock(s)  # the words are complete at the target before the seq bump
+        if bump:
+            self._bump()
+
+    def _bump(self) -> int:
+        """PUSH_SEQ += 1 on every server: the push (whose words are written) is now visible."""
+        seq = self.seq + 1
+        cwin, seq_buf = self.w.cwin, self._seq_buf
+        seq_buf[0] = seq
+        for s in range(self.topo.n_servers):
             cwin.Lock(s, MPI.LOCK_SHARED)
             cwin.Accumulate(
-                [meta, MPI.INT64_T], s, (base + PULLED, meta.size, MPI.INT64_T), MPI.REPLACE
-            )
-            cwin.Flush(s)
-            cwin.Accumulate(
-                [seq_buf, MPI.INT64_T], s, (base + PUSH_SEQ, 1, MPI.INT64_T), MPI.REPLACE
+                [seq_buf, MPI.INT64_T],
+                s,
+                (self.me * MB_WORDS + PUSH_SEQ, 1, MPI.INT64_T),
+                MPI.REPLACE,
             )
             cwin.Unlock(s)
         self.seq = seq
@@ -419,9 +506,10 @@ class Push:
     pulled_version: int
     n_samples: int
     phase: int
-    lo: int  # offsets into this server's shard
+    lo: int  # offsets into this server's shard (accumulate mode: lo = VERSION it was added to)
     hi: int
-    grad: np.ndarray  # view into the slot (valid until ack)
+    grad: np.ndarray | None  # view into the slot, valid until ack (None: accumulate mode)
+    result: int = 0  # accumulate mode: the outcome the worker reached under the lock
 
 
 class PSServer:
@@ -436,7 +524,8 @@ class PSServer:
         pmem = np.frombuffer(win.pwin.tomemory(), dtype=np.uint8)
         self.header = pmem[: win.hdr_bytes].view(np.int64)
         self.params = pmem[win.hdr_bytes :].view(np.float32)
-        self.slots = np.frombuffer(win.swin.tomemory(), dtype=np.float32).reshape(K, n_s)
+        smem = np.frombuffer(win.swin.tomemory(), dtype=np.float32)
+        self.slots = smem.reshape(K, n_s) if smem.size else None  # None: accumulate mode
         self._mb = np.zeros((K, MB_WORDS), dtype=np.int64)
         self._mb_origin = np.zeros_like(self._mb)  # ignored by NO_OP; must not alias the result
         self._stats = np.zeros((K, ST_WORDS), dtype=np.float64)
@@ -451,6 +540,13 @@ class PSServer:
 
     def unlock_params(self) -> None:
         self.w.pwin.Unlock(self.me)
+
+    def read_counters(self) -> tuple[int, int]:
+        """(VERSION, SAMPLES) of this rank's header (accumulate mode: workers advance them)."""
+        self.w.pwin.Lock(self.me, MPI.LOCK_SHARED)
+        out = int(self.header[VERSION]), int(self.header[SAMPLES])
+        self.w.pwin.Unlock(self.me)
+        return out
 
     def poll(self) -> list[Push]:
         """Pending pushes (PUSH_SEQ > ACK_SEQ), oldest worker first."""
@@ -467,9 +563,10 @@ class PSServer:
         pending = np.flatnonzero(mb[:, PUSH_SEQ] > self._acked)
         if pending.size == 0:
             return []
-        self.w.swin.Lock(self.me, MPI.LOCK_SHARED)
-        self.w.swin.Sync()  # make the workers' completed Puts visible to our loads
-        self.w.swin.Unlock(self.me)
+        if self.slots is not None:
+            self.w.swin.Lock(self.me, MPI.LOCK_SHARED)
+            self.w.swin.Sync()  # make the workers' completed Puts visible to our loads
+            self.w.swin.Unlock(self.me)
         out = []
         for w in pending:
             row = mb[w]
@@ -483,7 +580,8 @@ class PSServer:
                     phase=int(row[MB_PHASE]),
                     lo=lo,
                     hi=hi,
-                    grad=self.slots[w, lo:hi],
+                    grad=self.slots[w, lo:hi] if self.slots is not None else None,
+                    result=int(row[RESULT]),
                 )
             )
         return out

@@ -10,7 +10,7 @@ import click
 from dbnps.common import rma
 from dbnps.common.config import load
 from dbnps.common.errors import UserError, exit_on_user_error
-from dbnps.common.job import initial_params, layout_of, load_data
+from dbnps.common.job import check_ranks, initial_params, layout_of, load_data
 
 
 @click.command()
@@ -48,6 +48,7 @@ def main(config_path, data_dir, out, summary, resume, restarts, **control_opts) 
 
     cfg = load(config_path)
     topo = rma.Topology.discover("server")
+    check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang
     resumed = None
     if resume is not None:  # every server rank reads the file; rank 0 reports
         try:

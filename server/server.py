@@ -8,6 +8,10 @@ one pass of the rule per batch of pending pushes, so ingest stays cheap as
 the number of workers grows.  Rank 0 also decides the phase schedule
 (pretrain layer 1..L -> fine-tune -> done) from samples applied, evaluates
 test accuracy, and writes the model and a run summary at the end.
+
+In `[ps] mode = "accumulate"` the workers apply their own increments
+(`rma.PSClient.accumulate`); `count` then only records their outcomes, and
+the phase schedule follows the SAMPLES word they advance.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class ParameterServer:
         self.log = log if topo.rank == 0 else (lambda *a, **k: None)
         self.evaluate = evaluate  # callable(flat) -> accuracy, rank 0 only
         self.on_tick = on_tick  # called from the main loop (control-plane requests)
-        self.win = rma.Windows(topo, layout.size)
+        self.accumulate = cfg.ps.mode == "accumulate"  # workers add their own increments
+        self.win = rma.Windows(topo, layout.size, slots=not self.accumulate)
         self.ps = rma.PSServer(self.win)
         self.lo, self.hi = self.ps.lo, self.ps.hi
         names = [layout.phase_name(p) for p in range(layout.done_phase + 1)]
@@ -200,6 +205,10 @@ class ParameterServer:
             if self.topo.rank == 0 and st.samples_in_phase >= st.phase_samples:
                 # Before the acks: a synchronous worker's next pull must see the new phase.
                 self._end_phase()
+        self._ack_all(pushes, results)
+
+    def _ack_all(self, pushes: list[rma.Push], results: dict[int, int]) -> None:
+        st = self.state
         for p in pushes:
             res = results[p.worker]
             self.ps.ack(p, res)
@@ -209,6 +218,32 @@ class ParameterServer:
                 st.worker_rejected[p.worker] += 1
                 name = rma.RESULT_NAMES[res]
                 st.rejected[name] = st.rejected.get(name, 0) + 1
+
+    # -- accumulate mode: workers applied their own increments --------------
+    def _follow_header(self) -> None:
+        """Rank 0: take VERSION and SAMPLES from the header the workers advance; end the phase."""
+        st = self.state
+        version, samples = self.ps.read_counters()
+        st.version, st.samples_in_phase = version, samples
+        if st.phase < self.layout.done_phase and samples >= st.phase_samples:
+            self._end_phase()
+
+    def count(self, pushes: list[rma.Push]) -> None:
+        """Record what the workers did under the lock (staleness, results); ack every one.
+
+        The phase is settled first, so a synchronous worker's next pull sees it.
+        """
+        st = self.state
+        self._follow_header()
+        plo, phi = self.layout.phase_range(st.phase)
+        for p in pushes:
+            if p.result == rma.APPLIED:
+                st.record_staleness(max(p.lo - p.pulled_version, 0))  # lo: version added to
+                st.applied_total += 1
+                st.bytes_in += 4 * (phi - plo)
+                st.last_apply = time.time()
+                st.first_apply = st.first_apply or st.last_apply
+        self._ack_all(pushes, {p.worker: p.result for p in pushes})
 
     def _sum_finite(
         self, pushes: list[rma.Push], a: int, b: int
@@ -303,9 +338,11 @@ class ParameterServer:
         pause = 1e-5
         while True:
             pushes = self.ps.poll()
+            if self.accumulate and not pushes:
+                self._follow_header()  # a phase can end before its last record arrives
             if pushes:
                 t0 = time.perf_counter()
-                self.handle(pushes)
+                (self.count if self.accumulate else self.handle)(pushes)
                 st.busy_seconds += time.perf_counter() - t0
                 pause = 1e-5
             else:

@@ -48,8 +48,11 @@ def expected_sgd(cfg_path, summary, value):
     return init - cfg.finetune.lr * total
 
 
-def test_exactness_one_worker_matches_single_process(tmp_path, job):
-    """1 server + 1 worker, sync pushes, plain SGD == the single-process trainer, step for step."""
+@pytest.mark.parametrize("mode", ["apply", "accumulate"])
+def test_exactness_one_worker_matches_single_process(tmp_path, job, mode):
+    """1 server + 1 worker, sync pushes, plain SGD == the single-process trainer, step for step.
+
+    In accumulate mode the worker computes the increment and MPI_Accumulates it."""
     from dbnps.common.trainer import train_local
 
     # 600 images / batch 100 = 6 steps per phase; 15 steps cross both RBMs into fine-tuning.
@@ -59,7 +62,7 @@ def test_exactness_one_worker_matches_single_process(tmp_path, job):
             **SMALL,
             "pretrain": {"epochs": 1.0},
             "finetune": {"epochs": 1.0},
-            "ps": {"update_rule": "sgd", "sync": True},
+            "ps": {"update_rule": "sgd", "sync": True, "mode": mode},
             "run": {"max_steps": 15, "seed": 3},
         },
     )
@@ -76,9 +79,9 @@ def test_exactness_one_worker_matches_single_process(tmp_path, job):
     assert not np.array_equal(local.flat, load_initial(cfg_path)), "no training happened"
 
 
-@pytest.mark.parametrize("servers", [1, 2])
-def test_conservation_with_three_workers(tmp_path, job, servers):
-    cfg_path = synthetic_cfg(tmp_path)
+@pytest.mark.parametrize(("servers", "mode"), [(1, "apply"), (2, "apply"), (1, "accumulate")])
+def test_conservation_with_three_workers(tmp_path, job, servers, mode):
+    cfg_path = synthetic_cfg(tmp_path, mode=mode)
     res = job(
         cfg_path, workers=3, servers=servers, worker_args=("--inject-synthetic-grad", "0.001")
     )
@@ -94,8 +97,9 @@ def test_conservation_with_three_workers(tmp_path, job, servers):
     )
 
 
-def test_nan_pushes_rejected_while_others_train(tmp_path, job):
-    cfg_path = synthetic_cfg(tmp_path)
+@pytest.mark.parametrize("mode", ["apply", "accumulate"])
+def test_nan_pushes_rejected_while_others_train(tmp_path, job, mode):
+    cfg_path = synthetic_cfg(tmp_path, mode=mode)
     res = job(
         cfg_path,
         workers=2,
@@ -119,9 +123,10 @@ def test_nan_pushes_rejected_while_others_train(tmp_path, job):
     np.testing.assert_allclose(flat, expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5)
 
 
-def test_lagging_worker_pushes_beyond_tau_are_dropped(tmp_path, job):
+@pytest.mark.parametrize("mode", ["apply", "accumulate"])
+def test_lagging_worker_pushes_beyond_tau_are_dropped(tmp_path, job, mode):
     """Worker 1 sleeps 0.5 s per step while worker 0 pushes ~20 updates: tau = 4 drops its push."""
-    cfg_path = synthetic_cfg(tmp_path, staleness_bound=4)
+    cfg_path = synthetic_cfg(tmp_path, staleness_bound=4, mode=mode)
     res = job(
         cfg_path,
         workers=2,
@@ -183,19 +188,23 @@ def test_end_to_end_two_workers_reach_90_percent_within_a_minute(tmp_path):
     assert all(w["applied"] > 0 for w in summary["workers"])
 
 
-def test_psctl_run_bad_config_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("ps", "args", "named"),
+    [({"n_push": 0}, [], "n_push"), ({"mode": "accumulate"}, ["--servers", "2"], "1 server rank")],
+)
+def test_psctl_run_bad_config_is_one_line(tmp_path, ps, args, named):
     import subprocess
     import sys
     from pathlib import Path
 
-    bad = write_config(tmp_path / "bad.toml", {"ps": {"n_push": 0}})
+    bad = write_config(tmp_path / "bad.toml", {"ps": ps})
     psctl = Path(sys.executable).parent / "psctl"
     proc = subprocess.run(
-        [psctl, "run", "--config", bad], capture_output=True, text=True, timeout=60
+        [psctl, "run", "--config", bad, *args], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith("error: ") and "n_push" in proc.stderr
+    assert proc.stderr.startswith("error: ") and named in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 
 

@@ -12,7 +12,7 @@ from mpi4py import MPI
 from dbnps.common import rma
 from dbnps.common.config import load
 from dbnps.common.errors import exit_on_user_error
-from dbnps.common.job import layout_of, load_data
+from dbnps.common.job import check_ranks, layout_of, load_data
 
 
 @click.command()
@@ -34,6 +34,7 @@ def main(config_path, data_dir, **inject) -> None:
 
     cfg = load(config_path)
     topo = rma.Topology.discover("worker")
+    check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang
     layout = layout_of(cfg)
     if inject["inject_synthetic_grad"] is None:
         data = load_data(cfg, data_dir)

@@ -27,6 +27,8 @@ from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
+from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.updaters import make_rule
 
 
 @dataclass
@@ -84,12 +86,18 @@ class Worker:
         self.members = 0
         self._steps = 0
         self.faults = faults or Faults()
-        self.win = rma.Windows(topo, layout.size)
+        self.accumulate = cfg.ps.mode == "accumulate"  # we run the update rule ourselves
+        self.win = rma.Windows(topo, layout.size, slots=not self.accumulate)
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
         self.params = layout.zeros()
         self.grad = layout.zeros()
         accumulates = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
         self.acc = layout.zeros() if accumulates else self.grad
+        self.rule = (
+            make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
+            if self.accumulate
+            else None
+        )
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
         if self.faults.synthetic_grad is None:
@@ -187,6 +195,8 @@ class Worker:
                     self.sampler.begin_phase(phase, self.params)
                 acc_samples = acc_steps = phase_steps = 0
                 n_fetch, n_push = cfg.ps.every(pretraining=phase < layout.n_layers)
+                if self.rule is not None:
+                    self.rule.reset()  # as the server's rule does at a phase change
                 prof = profile.phase(layout.phase_name(phase))
             lo, hi = layout.phase_range(phase)
             self._progress = time.monotonic()
@@ -209,7 +219,10 @@ class Worker:
                 if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
                     acc.flat[lo] = np.float32("nan")
                 t0 = time.perf_counter()
-                client.push(acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
+                if self.rule is not None:
+                    self._accumulate(acc.flat, lo, hi, acc_samples, phase, info.samples)
+                else:
+                    client.push(acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
                 prof["push"] += time.perf_counter() - t0
                 pushes += 1
                 acc_samples = acc_steps = 0
@@ -237,7 +250,8 @@ class Worker:
                 # server check + apply (~1.3 ms for the full model) against a
                 # ~12 ms step.
                 t0 = time.perf_counter()
-                client.wait()
+                if self.rule is None:  # accumulate mode: our update is in when push returns
+                    client.wait()
                 t1 = time.perf_counter()
                 info = client.pull(self.params.flat, lo, hi)
                 prof["wait"] += t1 - t0
@@ -259,6 +273,25 @@ class Worker:
             pushes=pushes,
             pulls=pulls,
             state=rma.STATE_DONE,
+        )
+
+    def _accumulate(self, grad, lo: int, hi: int, n: int, phase: int, samples: int) -> None:
+        """`[ps] mode = "accumulate"`: run the update rule here, add its increment on the server.
+
+        lr and momentum follow the schedule at the epoch of the last pull, as
+        the server's would at apply time.  `grad` is scratch afterwards.
+        """
+        L = self.layout.n_layers
+        lr, mom = hyper(self.cfg, phase, L, samples / max(self.n_train, 1))
+        delta = self.rule.delta(grad[lo:hi], lr, mom, lo)
+        self.client.accumulate(
+            delta,
+            lo,
+            hi,
+            n_samples=n,
+            phase=phase,
+            phase_samples=round(phase_epochs(self.cfg, phase, L) * self.n_train),
+            staleness_bound=self.cfg.ps.staleness_bound,
         )
 
     def finish(self) -> None:

@@ -392,7 +392,7 @@ def start_cmd(
     """Start a training job in the background and wait until it serves."""
     from dbnps.cli.run import job_argv
     from dbnps.common.config import load
-    from dbnps.common.job import layout_of
+    from dbnps.common.job import check_ranks, layout_of
     from dbnps.common.launcher import mpi_env
     from dbnps.common.mnist import resolve_data_dir
 
@@ -404,8 +404,7 @@ def start_cmd(
     if resumed is not None:
         _check_resumable(resumed, cfg, layout.size)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
-    if workers < 1 or servers < 1:
-        raise UserError("--workers and --servers must be >= 1")
+    check_ranks(cfg, workers, servers)
     if not (timeout > 0 and math.isfinite(timeout)):
         raise UserError("--timeout must be > 0")
     if (tls_cert is None) != (tls_key is None):

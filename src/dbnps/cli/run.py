@@ -12,7 +12,7 @@ import click
 
 from dbnps.common.config import load
 from dbnps.common.errors import UserError
-from dbnps.common.job import layout_of
+from dbnps.common.job import check_ranks, layout_of
 from dbnps.common.launcher import mpi_env, mpmd_argv
 from dbnps.common.mnist import resolve_data_dir
 
@@ -71,8 +71,7 @@ def run_cmd(config, workers, servers, data_dir, run_dir) -> None:
     cfg = load(config)  # a bad config fails here, once, not in every rank
     layout_of(cfg)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
-    if workers < 1 or servers < 1:
-        raise UserError("--workers and --servers must be >= 1")
+    check_ranks(cfg, workers, servers)
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = job_argv(config, workers, servers, data, run_dir)
