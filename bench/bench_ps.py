@@ -180,7 +180,7 @@ def bench_ingest(workers: list[int], pushes_total: int = 3000, n_push: int = 1) 
     return result
 
 
-def bench_overhead(steps: int = 400, rounds: int = 3) -> dict:
+def bench_overhead(steps: int = 400, rounds: int = 3, mode: str = "apply") -> dict:
     """Alternate the two measurements `rounds` times; the ratio is the median of the rounds.
 
     The VM drifts over minutes, so each round pairs a local measurement with
@@ -194,6 +194,7 @@ def bench_overhead(steps: int = 400, rounds: int = 3) -> dict:
                 "model": {"sizes": FULL},
                 "pretrain": {"epochs": 0.0},
                 "finetune": {"epochs": 1e6},
+                "ps": {"mode": mode},
                 "run": {"max_steps": steps, "log_every_s": 1e6},
             },
         )
@@ -209,8 +210,8 @@ def bench_overhead(steps: int = 400, rounds: int = 3) -> dict:
                 flush=True,
             )
     ratio = statistics.median(r["ratio"] for r in rows)
-    result = {"rounds": rows, "ratio": ratio, "steps": steps, "blas_threads": 1}
-    save("overhead", result)
+    result = {"mode": mode, "rounds": rows, "ratio": ratio, "steps": steps, "blas_threads": 1}
+    save("overhead" if mode == "apply" else f"overhead-{mode}", result)
     print(f"median ratio (1 server + 1 worker / local, samples/s) = {ratio:.2f}")
     return result
 
@@ -220,13 +221,14 @@ def main() -> None:
     ap.add_argument("what", nargs="?", default="all", choices=["path", "ingest", "overhead", "all"])
     ap.add_argument("--workers", default="1,2,4,8,16,32,64")
     ap.add_argument("--n-push", type=int, default=1)
+    ap.add_argument("--mode", choices=["apply", "accumulate"], default="apply", help="[ps] mode")
     a = ap.parse_args()
     if a.what in ("path", "all"):
         bench_path()
     if a.what in ("overhead", "all"):
         print("| round | local samples/s (1 thread) | 1 server + 1 worker samples/s | ratio |")
         print("|---|---|---|---|")
-        bench_overhead()
+        bench_overhead(mode=a.mode)
     if a.what in ("ingest", "all"):
         print(
             "| pushers | offered updates/s | applied updates/s | server capacity updates/s "

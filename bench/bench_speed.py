@@ -58,8 +58,10 @@ def local(config: str, target: float, threads: int) -> dict:
     return r
 
 
-def distributed(config: str, target: float, workers: int) -> dict:
+def distributed(config: str, target: float, workers: int, mode: str | None = None) -> dict:
     cfg = load(config)
+    if mode is not None:
+        cfg.ps.mode = mode
     cfg.run.target_accuracy = target
     cfg.run.eval_every_epochs = 1.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,6 +89,9 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=2, help="ABBA rounds: local, PS, then PS, local, ..."
     )
+    ap.add_argument(
+        "--mode", choices=["apply", "accumulate"], default=None, help="override [ps] mode"
+    )
     a = ap.parse_args()
     runs: list[tuple[str, dict]] = []
     for r in range(a.rounds):
@@ -95,7 +100,7 @@ def main() -> None:
             res = (
                 local(a.config, a.target, 2)
                 if kind == "local"
-                else distributed(a.config, a.target, 2)
+                else distributed(a.config, a.target, 2, a.mode)
             )
             runs.append((kind, res))
             print(f"round {r + 1} {kind}:", json.dumps(res), flush=True)
@@ -109,6 +114,7 @@ def main() -> None:
     ratio = statistics.mean(t_ps) / statistics.mean(t_loc)
     res = {
         "config": os.path.relpath(a.config, ROOT),
+        "ps_mode": a.mode or load(a.config).ps.mode,
         "target": a.target,
         "rounds": a.rounds,
         "local_2_threads": loc,
@@ -118,7 +124,8 @@ def main() -> None:
         "machine": machine(),
     }
     out = ROOT / "bench" / "results"
-    (out / "speed.json").write_text(json.dumps(res, indent=1))
+    suffix = f"-{a.mode}" if a.mode else ""
+    (out / f"speed{suffix}.json").write_text(json.dumps(res, indent=1))
     rows = "".join(
         f"| {i + 1} | {q['seconds_to_target']:.0f} s ({q['pretrain_end_s']:.0f} s pretraining, "
         f"{q.get('finetune_epochs')} epochs) | {p['seconds_to_target']:.0f} s "
@@ -127,12 +134,13 @@ def main() -> None:
         for i, (q, p) in enumerate(zip(loc, dist, strict=True))
     )
     md = (
-        f"Time to {a.target:.1%} test accuracy, `{res['config']}`, rounds in ABBA order.\n\n"
+        f"Time to {a.target:.1%} test accuracy, `{res['config']}`, `[ps] mode = "
+        f'"{res["ps_mode"]}"`, rounds in ABBA order.\n\n'
         f"| round | single process, 2 BLAS threads | 1 server + 2 workers, 1 thread each "
         f"| PS / local |\n|---|---|---|---|\n{rows}\n"
         f"ratio of the mean times (PS / local) = {ratio:.2f}\n"
     )
-    (out / "speed.md").write_text(md)
+    (out / f"speed{suffix}.md").write_text(md)
     print(md)
 
 
