@@ -19,7 +19,8 @@ LONG_JOB = {
     "data": {"train_subset": 2000, "test_subset": 500},
     "pretrain": {"epochs": 1.0},
     "finetune": {"epochs": 1.0e6},
-    "run": {"eval_every_epochs": 200.0, "log_every_s": 2.0},
+    # An evaluation every few seconds: /metrics and status then carry a test accuracy.
+    "run": {"eval_every_epochs": 50.0, "log_every_s": 2.0},
 }
 
 

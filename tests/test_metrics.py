@@ -90,9 +90,15 @@ def test_deploy_files_match_the_metrics(job, tmp_path):
         assert {"type", "title", "gridPos", "targets"} <= set(p)
         assert {"x", "y", "w", "h"} <= set(p["gridPos"])
         exprs += [t["expr"] for t in p["targets"]]
-    _, samples = scrape(job)
-    exported = {name for name, _ in samples}
     used = set(re.findall(r"dbnps_[a-z0-9_]+", " ".join(exprs)))
+    # Test accuracy is exported once the first scheduled evaluation has finished.
+    deadline = time.monotonic() + 60
+    while True:
+        _, samples = scrape(job)
+        exported = {name for name, _ in samples}
+        if used <= exported or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert used and used <= exported, used - exported
     rules = {
         "groups": [
