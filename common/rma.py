@@ -162,6 +162,8 @@ class Windows:
     def __init__(self, topo: Topology, size: int, *, slots: bool = True):
         """`slots=False` (`[ps] mode = "accumulate"`): no push slots, workers
         Accumulate into the parameters instead."""
+        if not slots and topo.n_servers != 1:  # increments are added on rank 0's shard only
+            raise RuntimeError("accumulate mode needs exactly one server rank")
         self.topo = topo
         self.size = size
         self.bounds = shard_bounds(size, topo.n_servers)
@@ -374,8 +376,6 @@ class PSClient:
         """
         if delta.dtype != np.float32 or delta.shape != (hi - lo,):
             raise TypeError(f"delta must be float32[{hi - lo}], got {delta.dtype}{delta.shape}")
-        if self.topo.n_servers != 1:
-            raise RuntimeError("accumulate mode needs exactly one server rank")
         self.wait(self.seq)  # the server has counted our previous push (mailbox is free)
         pwin, hdr = self.w.pwin, self._hdr3
         before = -1
@@ -400,6 +400,7 @@ class PSClient:
                 result = APPLIED
             pwin.Unlock(0)
         self._record(0, (self.versions[0], n_samples, phase, result, before, 0))
+        self._pushed()
         return result
 
     def push(self, grad: np.ndarray, lo: int, hi: int, *, n_samples: int, phase: int) -> int:
@@ -420,41 +421,32 @@ class PSClient:
                 swin.Unlock(s)  # the gradient is complete at the target before the seq bump
                 self.bytes_pushed += 4 * (b - a)
             off = (a - blo, b - blo) if b > a else (0, 0)  # an empty part is (0, 0)
-            self._record(s, (self.versions[s], n_samples, phase, 0, *off), bump=False)
-        return self._bump()
+            self._record(s, (self.versions[s], n_samples, phase, 0, *off))
+        return self._pushed()
 
-    def _record(self, s: int, words: tuple, *, bump: bool = True) -> None:
-        """Write mailbox words PULLED..HI on server s (atomic), then bump PUSH_SEQ everywhere."""
-        meta, cwin = self._meta, self.w.cwin
+    def _record(self, s: int, words: tuple) -> None:
+        """One epoch on server s: mailbox words PULLED..HI, flush, then PUSH_SEQ = seq + 1.
+
+        Atomic writes; the words are complete at the target before the bump
+        that makes the push visible.
+        """
+        meta, seq_buf, cwin = self._meta, self._seq_buf, self.w.cwin
+        base = self.me * MB_WORDS
         meta[:] = words
+        seq_buf[0] = self.seq + 1
         cwin.Lock(s, MPI.LOCK_SHARED)
         cwin.Accumulate(
-            [meta, MPI.INT64_T],
-            s,
-            (self.me * MB_WORDS + PULLED, meta.size, MPI.INT64_T),
-            MPI.REPLACE,
+            [meta, MPI.INT64_T], s, (base + PULLED, meta.size, MPI.INT64_T), MPI.REPLACE
         )
-        cwin.Unlock(s)  # the words are complete at the target before the seq bump
-        if bump:
-            self._bump()
+        cwin.Flush(s)
+        cwin.Accumulate([seq_buf, MPI.INT64_T], s, (base + PUSH_SEQ, 1, MPI.INT64_T), MPI.REPLACE)
+        cwin.Unlock(s)
 
-    def _bump(self) -> int:
-        """PUSH_SEQ += 1 on every server: the push (whose words are written) is now visible."""
-        seq = self.seq + 1
-        cwin, seq_buf = self.w.cwin, self._seq_buf
-        seq_buf[0] = seq
-        for s in range(self.topo.n_servers):
-            cwin.Lock(s, MPI.LOCK_SHARED)
-            cwin.Accumulate(
-                [seq_buf, MPI.INT64_T],
-                s,
-                (self.me * MB_WORDS + PUSH_SEQ, 1, MPI.INT64_T),
-                MPI.REPLACE,
-            )
-            cwin.Unlock(s)
-        self.seq = seq
+    def _pushed(self) -> int:
+        """Every server has the new push record: advance our sequence number."""
+        self.seq += 1
         self._pushed_at = time.monotonic()
-        return seq
+        return self.seq
 
     def last_results(self) -> list[int]:
         """RESULT word of this worker's last push on every server (after `wait`)."""

@@ -30,5 +30,14 @@ def phase_epochs(cfg: Config, phase: int, n_layers: int) -> float:
     return 0.0
 
 
+def phase_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
+    """Samples to apply before `phase` ends: its epochs x the training-set size.
+
+    The one rule the single-process trainer, the server (apply mode) and the
+    workers (accumulate mode) all end a phase by.
+    """
+    return round(phase_epochs(cfg, phase, n_layers) * n_train)
+
+
 def batch_size(cfg: Config, phase: int, n_layers: int) -> int:
     return cfg.pretrain.batch_size if phase < n_layers else cfg.finetune.batch_size

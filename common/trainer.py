@@ -29,7 +29,7 @@ from dbnps.common.dbn import accuracy
 from dbnps.common.errors import UserError
 from dbnps.common.job import apply_subsets, initial_params, layout_of, step_rng
 from dbnps.common.layout import Params
-from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.schedule import hyper, phase_samples
 from dbnps.common.steps import StepGradient
 from dbnps.common.updaters import make_rule
 
@@ -80,7 +80,7 @@ def train_local(
     emit(log_layout)
     stop = False
     for phase in range(L + 1):
-        target = round(phase_epochs(cfg, phase, L) * n_train)
+        target = phase_samples(cfg, phase, L, n_train)
         if target <= 0 or stop:
             continue
         name = layout.phase_name(phase)

@@ -26,7 +26,7 @@ import numpy as np
 from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.layout import Layout
-from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.schedule import hyper, phase_samples
 from dbnps.common.updaters import make_rule
 from dbnps.server.state import ServerState
 
@@ -113,8 +113,7 @@ class ParameterServer:
 
     # -- phase schedule (rank 0 decides; followers copy) --------------------
     def _phase_samples(self, phase: int) -> int:
-        ep = phase_epochs(self.cfg, phase, self.layout.n_layers)
-        return round(ep * self.state.n_train)
+        return phase_samples(self.cfg, phase, self.layout.n_layers, self.state.n_train)
 
     def _next_nonempty_phase(self, phase: int) -> int:
         """`phase`, or the first later one that lasts > 0 samples (e.g. pretrain epochs = 0)."""
@@ -235,11 +234,11 @@ class ParameterServer:
         """
         st = self.state
         self._follow_header()
-        plo, phi = self.layout.phase_range(st.phase)
         for p in pushes:
             if p.result == rma.APPLIED:
                 st.record_staleness(max(p.lo - p.pulled_version, 0))  # lo: version added to
                 st.applied_total += 1
+                plo, phi = self.layout.phase_range(p.phase)  # st.phase may have moved on
                 st.bytes_in += 4 * (phi - plo)
                 st.last_apply = time.time()
                 st.first_apply = st.first_apply or st.last_apply

@@ -27,7 +27,7 @@ from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
-from dbnps.common.schedule import hyper, phase_epochs
+from dbnps.common.schedule import hyper, phase_samples
 from dbnps.common.updaters import make_rule
 
 
@@ -86,16 +86,16 @@ class Worker:
         self.members = 0
         self._steps = 0
         self.faults = faults or Faults()
-        self.accumulate = cfg.ps.mode == "accumulate"  # we run the update rule ourselves
-        self.win = rma.Windows(topo, layout.size, slots=not self.accumulate)
+        accumulate = cfg.ps.mode == "accumulate"  # we run the update rule ourselves
+        self.win = rma.Windows(topo, layout.size, slots=not accumulate)
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
         self.params = layout.zeros()
         self.grad = layout.zeros()
-        accumulates = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
-        self.acc = layout.zeros() if accumulates else self.grad
-        self.rule = (
+        sums_steps = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
+        self.acc = layout.zeros() if sums_steps else self.grad
+        self.rule = (  # accumulate mode only
             make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
-            if self.accumulate
+            if accumulate
             else None
         )
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
@@ -290,7 +290,7 @@ class Worker:
             hi,
             n_samples=n,
             phase=phase,
-            phase_samples=round(phase_epochs(self.cfg, phase, L) * self.n_train),
+            phase_samples=phase_samples(self.cfg, phase, L, self.n_train),
             staleness_bound=self.cfg.ps.staleness_bound,
         )
 
