@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install test-tools demo test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Programs the tests run that PyPI does not ship, from Debian when missing:
+# promtool and the Prometheus server (package prometheus), `ip` for the
+# network-namespace hosts of the multi-host tests (iproute2).  Root, or sudo.
+TEST_TOOLS := promtool:prometheus ip:iproute2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make: installing Debian packages the tests need:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	  || { echo "make: could not install$$missing (apt-get as root); see README, Development"; exit 1; }; \
+	fi
+
 demo: install
 	$(BIN)/psctl run --config configs/demo.toml --workers 2
 
-test: install
+test: install test-tools
 	$(BIN)/python -m pytest -q
 
 lint: install
