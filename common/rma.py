@@ -180,6 +180,26 @@ class Windows:
 
         for w in (self.pwin, self.swin, self.cwin):
             w.Set_errhandler(MPI.ERRORS_RETURN)
+        self.zero()
+
+    def zero(self) -> None:
+        """Collective: every rank zeroes its own memory of every window, then a barrier.
+
+        MPI does not promise that `Win.Allocate` memory is zero, and the protocol
+        reads zeros as "nothing yet" (PUSH_SEQ = ACK_SEQ = 0, heartbeat 0 = not
+        seen, STOP 0): under the MPICH wheel a mailbox came up with garbage and a
+        worker was "marked dead: no heartbeat for 1796314888s".  The stores go
+        under the rank's own exclusive lock (the window's memory is written by
+        RMA too) and the barrier orders them before any rank's first access.
+        """
+        me = self.topo.rank
+        for w in (self.pwin, self.swin, self.cwin):
+            mem = np.frombuffer(w.tomemory(), dtype=np.uint8)
+            if mem.size:
+                w.Lock(me, MPI.LOCK_EXCLUSIVE)
+                mem.fill(0)
+                w.Unlock(me)
+        self.topo.comm.Barrier()
 
     def free(self) -> None:
         for w in (self.pwin, self.swin, self.cwin):
