@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import importlib.resources
 import os
 import struct
 import tempfile
@@ -73,7 +74,9 @@ UPSTREAM_SHA256: dict[str, str] = {
     TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 
-VENDORED_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
+# Package data (`dbnps.data`, the repository's data/ folder): found the same way
+# from a source tree, an editable install and a wheel.
+VENDORED_DIR = Path(str(importlib.resources.files("dbnps.data") / "mnist"))
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
