@@ -106,3 +106,171 @@ def test_mpi_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None
     assert env["DBNPS_TEST_MARKER"] == "42"
     assert env["OMPI_MCA_osc"] == "^ucx"
     assert "OMPI_MCA_osc" not in os.environ
+
+
+# -- placement across hosts (pure: no MPI, no network) --------------------------
+def _contexts(argv: list[str]) -> list[tuple[str, str, str]]:
+    """[(-n count, --host value, module)] of every app context of an mpiexec argv."""
+    out, start = [], argv.index("-n")
+    for part in " ".join(argv[start:]).split(" : "):
+        words = part.split()
+        host = words[words.index("--host") + 1] if "--host" in words else ""
+        out.append((words[1], host, words[words.index("-m") + 1]))
+    return out
+
+
+def test_parse_hosts() -> None:
+    assert launcher.parse_hosts("h0:1,h1:2") == [("h0", 1), ("h1", 2)]
+    assert launcher.parse_hosts("h0,h1") == [("h0", 1), ("h1", 1)]
+    assert launcher.parse_hosts("10.0.0.1:3, n-2.example.org") == [
+        ("10.0.0.1", 3),
+        ("n-2.example.org", 1),
+    ]
+    assert launcher.parse_hosts("a:1,b:1,a:2") == [("a", 3), ("b", 1)]  # Open MPI sums slots
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("h0:0", "slots of 'h0' must be an integer >= 1"),
+        ("h0:x", "must be an integer >= 1"),
+        ("h0:", "must be an integer >= 1"),
+        ("h0,,h1", "empty host entry"),
+        ("h 0", "is not a host name"),
+    ],
+)
+def test_parse_hosts_rejects(spec: str, said: str) -> None:
+    with pytest.raises(UserError, match=said):
+        launcher.parse_hosts(spec)
+
+
+def test_parse_hostfile(tmp_path: Path) -> None:
+    f = tmp_path / "hosts"
+    f.write_text(
+        "# cluster\n"
+        "node01 slots=2\n"
+        "\n"
+        "node02 slots=4 max_slots=8   # a comment after\n"
+        "node03\n"
+        "node01 slots=1\n"
+    )
+    assert launcher.parse_hostfile(f) == [("node01", 3), ("node02", 4), ("node03", 1)]
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("node01 slots=0\n", "line 1: slots must be an integer >= 1, got '0'"),
+        ("ok\nnode01 cpus=2\n", "line 2: unknown attribute 'cpus=2'"),
+        ("node01 slots\n", "unknown attribute 'slots'"),
+        ("# only a comment\n\n", "names no host"),
+        ("no:de slots=1\n", "is not a host name"),
+    ],
+)
+def test_parse_hostfile_rejects(tmp_path: Path, text: str, said: str) -> None:
+    f = tmp_path / "hosts"
+    f.write_text(text)
+    with pytest.raises(UserError, match=said):
+        launcher.parse_hostfile(f)
+
+
+def test_parse_hostfile_missing(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read hostfile"):
+        launcher.parse_hostfile(tmp_path / "nope")
+
+
+def test_place_fills_slots_in_host_order() -> None:
+    p = launcher.place(1, 4, [("h0", 1), ("h1", 2), ("h2", 2)])
+    assert p.servers == ("h0",) and p.workers == ("h1", "h1", "h2", "h2")
+    assert p.hosts == ["h0", "h1", "h2"] and p.multihost
+    # The server takes one slot of its host; the rest go to workers.
+    p = launcher.place(1, 3, [("h0", 2), ("h1", 2)])
+    assert p.servers == ("h0",) and p.workers == ("h0", "h1", "h1")
+    # Spare slots stay unused.
+    assert launcher.place(1, 1, [("h0", 1), ("h1", 8)]).workers == ("h1",)
+
+
+def test_place_server_hosts() -> None:
+    hosts = [("a", 2), ("b", 2), ("c", 2)]
+    p = launcher.place(1, 2, hosts, ["c"])
+    assert p.servers == ("c",) and p.workers == ("a", "a")
+    p = launcher.place(2, 3, hosts, ["a", "b"])  # shards round-robin over the server hosts
+    assert p.servers == ("a", "b") and p.workers == ("a", "b", "c")
+    assert not launcher.place(1, 1, [("solo", 2)]).multihost
+
+
+@pytest.mark.parametrize(
+    ("servers", "workers", "hosts", "srv", "said"),
+    [
+        (1, 4, [("h0", 1), ("h1", 2)], (), "need 5 slots, the hosts give 3 \\(h0:1, h1:2\\)"),
+        (1, 1, [("h0", 1), ("h1", 1)], ("h9",), "--server-host h9: not one of the hosts"),
+        (2, 1, [("h0", 1), ("h1", 1)], ("h0",), "host h0 has 1 slot\\(s\\), too few"),
+        (0, 1, [("h0", 1)], (), "servers must be >= 1"),
+        (1, 0, [("h0", 1)], (), "workers must be >= 1"),
+    ],
+)
+def test_place_rejects(servers, workers, hosts, srv, said) -> None:
+    with pytest.raises(UserError, match=said):
+        launcher.place(servers, workers, hosts, srv)
+
+
+def test_mpmd_argv_with_placement_one_context_per_host() -> None:
+    p = launcher.place(1, 3, [("h0", 1), ("h1", 1), ("h2", 2)])
+    argv = launcher.mpmd_argv(1, 3, ["--s"], ["--w"], fault_tolerant=True, placement=p)
+    assert _contexts(argv) == [
+        ("1", "h0:1", "dbnps.server"),
+        ("1", "h1:1", "dbnps.worker"),
+        ("2", "h2:2", "dbnps.worker"),
+    ]
+    head = argv[: argv.index("-n")]
+    assert head[:2] == [VENV_MPIEXEC, "--oversubscribe"] and "--with-ft" in head
+    mca = {head[i + 1]: head[i + 2] for i, w in enumerate(head) if w == "--mca"}
+    assert mca == dict(launcher.MULTIHOST_MCA)
+    assert mca["osc_rdma_buffer_size"] == "8388608" and mca["mpi_yield_when_idle"] == "1"
+    # Every context carries its own module's arguments.
+    sep = argv.index(":")
+    assert argv[sep - 1] == "--s" and argv[-1] == "--w"
+
+
+def test_mpmd_argv_placement_on_one_host_adds_no_multihost_settings() -> None:
+    p = launcher.place(1, 2, [("solo", 3)])
+    argv = launcher.mpmd_argv(1, 2, placement=p)
+    assert "--mca" not in argv
+    assert _contexts(argv) == [("1", "solo:1", "dbnps.server"), ("2", "solo:2", "dbnps.worker")]
+
+
+def test_mpmd_argv_without_placement_is_unchanged() -> None:
+    """Single host stays zero-config: no --host, no --mca, two contexts."""
+    argv = launcher.mpmd_argv(1, 2, ["--a"], ["--b"], fault_tolerant=True)
+    assert "--host" not in argv and "--mca" not in argv
+    assert _contexts(argv) == [("1", "", "dbnps.server"), ("2", "", "dbnps.worker")]
+
+
+def test_mpmd_argv_placement_must_match_counts() -> None:
+    p = launcher.place(1, 2, [("a", 1), ("b", 2)])
+    with pytest.raises(UserError, match="placement is for 1 server \\+ 2 workers"):
+        launcher.mpmd_argv(1, 3, placement=p)
+
+
+def test_spmd_argv_with_hosts() -> None:
+    argv = launcher.spmd_argv(3, ["prog.py"], hosts=["a", "b", "b"])
+    assert argv.count("--host") == 2 and argv.count(":") == 1
+    assert argv[argv.index("--host") + 1] == "a:1"
+    assert "--mca" in argv
+    assert launcher.spmd_argv(2, ["p.py"], hosts=["a", "a"]).count("--mca") == 0
+    with pytest.raises(UserError, match="3 ranks but 2 hosts"):
+        launcher.spmd_argv(3, ["p.py"], hosts=["a", "b"])
+
+
+def test_placement_from_options(tmp_path: Path) -> None:
+    assert launcher.placement_from_options(1, 2) is None  # the zero-config default
+    f = tmp_path / "hosts"
+    f.write_text("n1 slots=1\nn2 slots=2\n")
+    p = launcher.placement_from_options(1, 2, hostfile=f)
+    assert (p.servers, p.workers) == (("n1",), ("n2", "n2"))
+    p = launcher.placement_from_options(1, 3, hostfile=f, hosts="n3:1", server_host="n3")
+    assert (p.servers, p.workers) == (("n3",), ("n1", "n2", "n2"))
+    p = launcher.placement_from_options(2, 1, hosts="a:1,b:1,c:1", server_host="b,c")
+    assert p.servers == ("b", "c") and p.workers == ("a",)
+    with pytest.raises(UserError, match="--server-host needs --hosts or --hostfile"):
+        launcher.placement_from_options(1, 2, server_host="n1")

@@ -13,7 +13,7 @@ import click
 from dbnps.common.config import load
 from dbnps.common.errors import UserError
 from dbnps.common.job import check_ranks, layout_of
-from dbnps.common.launcher import mpi_env, mpmd_argv
+from dbnps.common.launcher import Placement, mpi_env, mpmd_argv, placement_from_options
 from dbnps.common.mnist import resolve_data_dir
 
 
@@ -27,11 +27,13 @@ def job_argv(
     *,
     extra_server_args: tuple[str, ...] = (),
     fault_tolerant: bool = True,
+    placement: Placement | None = None,
 ) -> list[str]:
     """The mpiexec argv of a job; `extra_server_args` carry e.g. the control-plane flags.
 
     `fault_tolerant` runs MPI with ULFM (`--with-ft ulfm`): a dead worker no longer
     takes the job down, the server notices its silence and the others finish.
+    `placement` (`launcher.placement_from_options`): the host of every rank.
     """
     common = ["--data-dir", str(data_dir)]
     if config is not None:
@@ -45,8 +47,35 @@ def job_argv(
         *extra_server_args,
     ]
     return mpmd_argv(
-        servers, workers, server_args, [*common, *extra_worker_args], fault_tolerant=fault_tolerant
+        servers,
+        workers,
+        server_args,
+        [*common, *extra_worker_args],
+        fault_tolerant=fault_tolerant,
+        placement=placement,
     )
+
+
+# Placement options shared by `psctl run` and `psctl start` (dbnps.common.launcher.place).
+def placement_options(f):
+    f = click.option(
+        "--server-host",
+        default=None,
+        metavar="HOST[,HOST...]",
+        help="host(s) of the server rank(s) (default: the first host); S > 1: shard i on host i mod n",
+    )(f)
+    f = click.option(
+        "--hosts",
+        default=None,
+        metavar="H:N,...",
+        help="run across hosts: host:slots list, e.g. h0:1,h1:2 (default: all ranks here)",
+    )(f)
+    return click.option(
+        "--hostfile",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Open MPI hostfile (`host slots=N` per line) to place the ranks on",
+    )(f)
 
 
 @click.command("run")
@@ -66,16 +95,21 @@ def job_argv(
     default=None,
     help="where the model and summary go (default: runs/<timestamp>)",
 )
-def run_cmd(config, workers, servers, data_dir, run_dir) -> None:
+@placement_options
+def run_cmd(config, workers, servers, data_dir, run_dir, hostfile, hosts, server_host) -> None:
     """Run a distributed training job in the foreground and print its final accuracy."""
     cfg = load(config)  # a bad config fails here, once, not in every rank
     layout_of(cfg)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
     check_ranks(cfg, workers, servers)
+    placement = placement_from_options(
+        servers, workers, hosts=hosts, hostfile=hostfile, server_host=server_host
+    )
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = job_argv(config, workers, servers, data, run_dir)
-    click.echo(f"psctl: {servers} server + {workers} workers, run dir {run_dir}", err=True)
+    argv = job_argv(config, workers, servers, data, run_dir, placement=placement)
+    where = f" on hosts {','.join(placement.hosts)}" if placement is not None else ""
+    click.echo(f"psctl: {servers} server + {workers} workers{where}, run dir {run_dir}", err=True)
     t0 = time.time()
     rc = subprocess.call(argv, env=mpi_env())
     if rc != 0:
