@@ -51,6 +51,7 @@ from grpc_reflection.v1alpha import reflection
 from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.errors import UserError
+from dbnps.runfiles import STOP_MARKER, read_token, write_json_atomic, write_token
 from dbnps.server import checkpoint as ckpt
 from dbnps.server.state import STALENESS_BUCKETS, ServerState
 from dbnps.v1 import control_pb2 as pb
@@ -58,7 +59,6 @@ from dbnps.v1 import control_pb2 as pb
 SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # "dbnps.v1.Control"
 MAX_NOTE = 256
 MAX_TIMEOUT_S = 3600.0
-STOP_MARKER = "stop-requested"  # in the run dir: written by Stop, read by dbnps.cli.supervise
 
 _WORKER_STATES = {0.0: "starting", rma.STATE_RUNNING: "running", rma.STATE_DONE: "done"}
 
@@ -90,29 +90,6 @@ def connect_host(bind: str) -> str:
     if bind in ("::", "[::]"):
         return "::1"
     return bind
-
-
-def read_token(path: Path) -> str:
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read token file {path}: {exc.strerror}") from exc
-    if not token:
-        raise UserError(f"token file {path} is empty")
-    return token
-
-
-def write_token(path: Path, token: str) -> None:
-    """Create `path` with mode 0600 (fails if it exists)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class ControlPlane:

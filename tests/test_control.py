@@ -151,6 +151,72 @@ def test_status_reports_progress(job):
     assert table.returncode == 0 and "WORKER" in table.stdout and JOB_ID in table.stdout
 
 
+def test_cli_commands_are_the_lazy_map():
+    """`psctl` imports a command's module on first use: the map must name every command."""
+    from dbnps.cli import LAZY_COMMANDS, bench, data, jobs, plot, run, train
+
+    found = {}
+    for mod in (bench, data, jobs, plot, run, train):
+        found.update({c.name: mod.__name__.rsplit(".", 1)[1] for c in mod.COMMANDS})
+    assert found == LAZY_COMMANDS
+
+
+def test_cli_never_touches_mpi(job, tmp_path):
+    """Every command that does not launch mpiexec runs without mpi4py and leaves no shm file.
+
+    `mpi4py.MPI` initialises a singleton MPI process on import (over a second and a
+    16 MiB sm_segment file).  The segment directory is pointed at an empty folder
+    (btl/sm's backing directory), so a file from this process, and only from it,
+    would show up there; the import log shows whether mpi4py was loaded at all.
+    """
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    env = {**job.env, "OMPI_MCA_btl_sm_backing_directory": str(shm)}
+    run = ("--run", job.job_id)
+    for args in [
+        ("status", *run),
+        ("status", "--json", *run),
+        ("checkpoints", *run),
+        ("list",),
+        ("logs", *run),
+        ("--help",),
+        ("status", "--run", "no-such-run"),  # the error path too
+    ]:
+        code = (
+            f"import sys; sys.argv = ['psctl', *{list(args)!r}]; from dbnps.cli import main; main()"
+        )
+        res = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        modules = {line.split("|")[-1].strip() for line in res.stderr.splitlines()}
+        assert res.returncode == (2 if "no-such-run" in args else 0), (args, res.stderr[-2000:])
+        assert not {m for m in modules if m.startswith("mpi4py")}, args
+        if args[0] in ("status", "list"):
+            assert "numpy" not in modules, args  # the lazy command map keeps these light
+        assert list(shm.iterdir()) == [], args
+    # the check can fail: a process that imports mpi4py.MPI leaves its segment there
+    subprocess.run(
+        [sys.executable, "-c", "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    assert [p.name for p in shm.iterdir() if p.name.startswith("sm_segment")], "no segment"
+    # fast: median of 5 `psctl status` wall times (the RPC itself takes milliseconds)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        assert job.psctl("status", *run).returncode == 0
+        times.append(time.perf_counter() - t0)
+    median = sorted(times)[2]
+    print(f"psctl status wall time: median {median:.3f}s of {[round(t, 3) for t in times]}")
+    assert median < 1.0, times  # < 0.2 s measured on an idle 2-core machine; margin for load
+
+
 def test_mutating_rpcs_need_the_token(job):
     with grpc.insecure_channel(job.grpc) as ch:
         stub = pbg.ControlStub(ch)

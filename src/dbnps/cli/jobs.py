@@ -37,6 +37,7 @@ from pathlib import Path
 import click
 
 from dbnps.common.errors import UserError
+from dbnps.runfiles import read_token, write_token
 
 STATE_ENV = "DBNPS_STATE_DIR"
 TOKEN_ENV = "DBNPS_TOKEN"
@@ -229,8 +230,6 @@ def _target(
 ) -> Target:
     token = os.environ.get(TOKEN_ENV) or None
     if token_file is not None:
-        from dbnps.server.control import read_token
-
         token = read_token(token_file)
     ca = None
     if tls_ca is not None:
@@ -253,8 +252,6 @@ def _target(
             "see `psctl logs`)"
         )
     if token is None and (run.dir / "token").exists():
-        from dbnps.server.control import read_token
-
         token = read_token(run.dir / "token")
     if ca is None and run.info.get("tls_cert"):
         ca = Path(run.info["tls_cert"]).read_bytes()
@@ -430,8 +427,6 @@ def start_cmd(
     except FileExistsError:
         raise UserError(f"run {job_id} exists already in {root}") from None
     token_path = run_dir / "token"
-    from dbnps.server.control import write_token
-
     if resumed is not None and config is None:
         from dbnps.common.config import to_toml
 

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-STOP_MARKER = "stop-requested"  # = dbnps.server.control.STOP_MARKER (no grpc import here)
+from dbnps.runfiles import STOP_MARKER
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,0 +1,68 @@
+"""Files of a run directory that `psctl`, its supervisor and server rank 0 all touch.
+
+No MPI, no gRPC, no numpy here: `psctl status`, `stop`, `list`, ... import
+this module, and a CLI that imported `mpi4py.MPI` would initialise a
+singleton MPI process on every call (over a second, and a 16 MiB
+`/dev/shm/sm_segment.*` file left behind).  `tests/test_control.py` checks
+the CLI never imports mpi4py.
+
+The Prometheus targets live here too: every job that serves /metrics has one
+`file_sd` file `<state dir>/prometheus/<job-id>.json`, which
+`deploy/prometheus.yml` reads, so Prometheus finds each job without a config edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dbnps.common.errors import UserError
+
+STOP_MARKER = "stop-requested"  # in the run dir: written by the Stop RPC, read by the supervisor
+FORCE_MARKER = "force-stop-requested"  # written by `psctl stop --force` before it kills the job
+TARGETS_DIR = "prometheus"  # under the state dir: one file_sd JSON file per job
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read token file {path}: {exc.strerror}") from exc
+    if not token:
+        raise UserError(f"token file {path} is empty")
+    return token
+
+
+def write_token(path: Path, token: str) -> None:
+    """Create `path` with mode 0600 (fails if it exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Readers (Prometheus' file_sd watcher, psctl) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def target_file(state_dir: Path, job_id: str) -> Path:
+    return Path(state_dir) / TARGETS_DIR / f"{job_id}.json"
+
+
+def write_target(state_dir: Path, job_id: str, metrics: str, labels: dict[str, str]) -> Path:
+    """Publish `metrics` (HOST:PORT of /metrics) as a Prometheus file_sd target group.
+
+    No `job_id` target label: the job's own series carry it (`dbnps_job_info`),
+    and a target label of the same name would rename theirs to `exported_job_id`.
+    """
+    path = target_file(state_dir, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, [{"targets": [metrics], "labels": labels}])
+    return path
+
+
+def remove_target(state_dir: Path, job_id: str) -> None:
+    target_file(state_dir, job_id).unlink(missing_ok=True)
