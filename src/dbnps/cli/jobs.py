@@ -36,6 +36,7 @@ from pathlib import Path
 
 import click
 
+from dbnps.cli.placement import placement_options
 from dbnps.common.errors import UserError
 from dbnps.runfiles import read_token, write_token
 
@@ -318,6 +319,12 @@ def _last_error_line(log: Path) -> str:
     return ""
 
 
+def _is_this_host(host: str) -> bool:
+    """`host` names the machine psctl runs on (its hostname or a loopback name)."""
+    me = socket.gethostname()
+    return host in ("localhost", "127.0.0.1", "::1", me, me.split(".")[0])
+
+
 def _new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -370,6 +377,7 @@ def _kill_session(sid: int, grace_s: float = 5.0) -> int:
     show_default=True,
     help="relaunch from the newest good checkpoint when the job dies, at most N times",
 )
+@placement_options
 def start_cmd(
     config,
     workers,
@@ -385,12 +393,15 @@ def start_cmd(
     keep_checkpoints,
     resume,
     restart_on_failure,
+    hostfile,
+    hosts,
+    server_host,
 ) -> None:
     """Start a training job in the background and wait until it serves."""
     from dbnps.cli.run import job_argv
     from dbnps.common.config import load
     from dbnps.common.job import check_ranks, layout_of
-    from dbnps.common.launcher import mpi_env
+    from dbnps.common.launcher import mpi_env, placement_from_options
     from dbnps.common.mnist import resolve_data_dir
 
     resumed = _resume_source(resume) if resume is not None else None
@@ -402,6 +413,15 @@ def start_cmd(
         _check_resumable(resumed, cfg, layout.size)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
     check_ranks(cfg, workers, servers)
+    placement = placement_from_options(
+        servers, workers, hosts=hosts, hostfile=hostfile, server_host=server_host
+    )
+    remote_server = placement is not None and not _is_this_host(placement.servers[0])
+    if remote_server and bind in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(
+            f"the server runs on {placement.servers[0]}, not here: give --bind 0.0.0.0 (or its "
+            "address) so the control plane is reachable; the token guards the mutating calls"
+        )
     if not (timeout > 0 and math.isfinite(timeout)):
         raise UserError("--timeout must be > 0")
     if (tls_cert is None) != (tls_key is None):
@@ -411,8 +431,9 @@ def start_cmd(
             raise UserError(f"no such file: {p}")
     if grpc_port and grpc_port == metrics_port:
         raise UserError("--grpc-port and --metrics-port must differ")
-    _check_port_free(bind, grpc_port, "gRPC")
-    _check_port_free(bind, metrics_port, "metrics")
+    if not remote_server:  # another host's ports cannot be checked from here
+        _check_port_free(bind, grpc_port, "gRPC")
+        _check_port_free(bind, metrics_port, "metrics")
     job_id = job_id or _new_job_id()
     if not job_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or job_id in (
         "latest",
@@ -455,7 +476,13 @@ def start_cmd(
         server_args += ["--resume", str(resumed["path"])]
     config_abs = config.resolve() if config is not None else None
     argv = job_argv(
-        config_abs, workers, servers, data, run_dir, extra_server_args=tuple(server_args)
+        config_abs,
+        workers,
+        servers,
+        data,
+        run_dir,
+        extra_server_args=tuple(server_args),
+        placement=placement,
     )
     log = run_dir / "job.log"
     with open(log, "ab") as logf:
@@ -490,6 +517,9 @@ def start_cmd(
         "workers": workers,
         "servers": servers,
         "bind": bind,
+        "hosts": None
+        if placement is None
+        else {"servers": list(placement.servers), "workers": list(placement.workers)},
         "grpc": None,
         "metrics": None,
         "tls_cert": str(tls_cert.resolve()) if tls_cert else None,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from dbnps.cli.placement import placement_options
 from dbnps.common.config import load
 from dbnps.common.errors import UserError
 from dbnps.common.job import check_ranks, layout_of
@@ -54,28 +55,6 @@ def job_argv(
         fault_tolerant=fault_tolerant,
         placement=placement,
     )
-
-
-# Placement options shared by `psctl run` and `psctl start` (dbnps.common.launcher.place).
-def placement_options(f):
-    f = click.option(
-        "--server-host",
-        default=None,
-        metavar="HOST[,HOST...]",
-        help="host(s) of the server rank(s) (default: the first host); S > 1: shard i on host i mod n",
-    )(f)
-    f = click.option(
-        "--hosts",
-        default=None,
-        metavar="H:N,...",
-        help="run across hosts: host:slots list, e.g. h0:1,h1:2 (default: all ranks here)",
-    )(f)
-    return click.option(
-        "--hostfile",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Open MPI hostfile (`host slots=N` per line) to place the ranks on",
-    )(f)
 
 
 @click.command("run")
