@@ -27,6 +27,10 @@ class DataConfig:
     dir: str = ""  # empty: --data-dir, then $DBNPS_DATA, then the vendored copy
     train_subset: int = 0  # 0: all 60 000 training images
     test_subset: int = 0  # 0: all 10 000 test images
+    # Training images held out for model selection (the last N of the training
+    # set, after train_subset): evaluations during training use them, never the
+    # test set, and no worker trains on them.  0: none; evaluations use the test set.
+    validation: int = 0
 
 
 @dataclass
@@ -88,7 +92,10 @@ class RunConfig:
     eval_every_epochs: float = 1.0  # fine-tune test evaluation period
     max_steps: int = 0  # 0: no limit; else stop each worker after this many steps (tests)
     log_every_s: float = 5.0
-    target_accuracy: float = 0.0  # 0: off; else fine-tuning stops once rank 0's test accuracy >= it
+    # 0: off; else fine-tuning stops once an evaluation (validation split if any, else
+    # test set) reaches it, and the model saved is the one that reached it.
+    target_accuracy: float = 0.0
+    keep_best: bool = False  # save the best-evaluated model, not the last (needs [data] validation)
     checkpoint_every_s: float = 0.0  # 0: off; else rank 0 checkpoints this often (wall seconds)
     checkpoint_every_updates: int = 0  # 0: off; else rank 0 checkpoints every this many versions
 
@@ -175,6 +182,12 @@ def validate(cfg: Config) -> None:
     _check(m.classes == 10, f"[model] classes must be 10 for MNIST, got {m.classes}")
     _check(cfg.data.train_subset >= 0, "[data] train_subset must be >= 0")
     _check(cfg.data.test_subset >= 0, "[data] test_subset must be >= 0")
+    _check(cfg.data.validation >= 0, "[data] validation must be >= 0 (0: no validation split)")
+    _check(
+        not cfg.run.keep_best or cfg.data.validation > 0,
+        "[run] keep_best needs [data] validation > 0: the best model is chosen on held-out "
+        "training images, never on the test set",
+    )
     for name in ("pretrain", "finetune"):
         s = getattr(cfg, name)
         _check(s.epochs >= 0, f"[{name}] epochs must be >= 0, got {s.epochs}")

@@ -37,10 +37,26 @@ def step_rng(seed: int, worker: int = 0) -> np.random.Generator:
 
 
 def apply_subsets(cfg: Config, data: MNIST) -> MNIST:
-    """`data` cut to [data] train_subset / test_subset (0: all); slicing again is a no-op."""
+    """`data` cut to [data] train_subset / test_subset (0: all), then the last
+    [data] validation training images moved to the validation split.
+
+    Every process of a job calls this, so the workers' shards, the server's
+    evaluations and the single-process trainer see the same three sets.
+    Applying it again is a no-op.
+    """
+    if len(data.y_val):  # already split
+        return data
     n_tr = cfg.data.train_subset or len(data.X_train)
     n_te = cfg.data.test_subset or len(data.X_test)
-    return MNIST(data.X_train[:n_tr], data.y_train[:n_tr], data.X_test[:n_te], data.y_test[:n_te])
+    n_val = cfg.data.validation
+    if n_val >= min(n_tr, len(data.X_train)):
+        raise UserError(
+            f"[data] validation = {n_val} leaves no training images "
+            f"(the training set has {min(n_tr, len(data.X_train))})"
+        )
+    X, y = data.X_train[:n_tr], data.y_train[:n_tr]
+    k = len(y) - n_val
+    return MNIST(X[:k], y[:k], data.X_test[:n_te], data.y_test[:n_te], X[k:], y[k:])
 
 
 def load_data(cfg: Config, data_dir: str | None = None) -> MNIST:

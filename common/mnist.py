@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,9 @@ class MNIST:
     y_train: np.ndarray  # uint8 (60000,)
     X_test: np.ndarray  # float32 (10000, 784)
     y_test: np.ndarray  # uint8 (10000,)
+    # Held out of the training images for model selection ([data] validation); empty if none.
+    X_val: np.ndarray = field(default_factory=lambda: np.zeros((0, 784), np.float32))
+    y_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
 
 
 def _one_line(text: object) -> str:

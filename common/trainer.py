@@ -58,6 +58,12 @@ def train_local(
     L = layout.n_layers
     d = apply_subsets(cfg, data)
     X, y, X_test, y_test = d.X_train, d.y_train, d.X_test, d.y_test
+    # Evaluations during training: the validation split if the config holds one out.
+    split = "val" if len(d.y_val) else "test"
+    X_eval, y_eval = (d.X_val, d.y_val) if split == "val" else (X_test, y_test)
+    from dbnps.common.selection import Selection
+
+    selection = Selection(keep_best=cfg.run.keep_best, target=cfg.run.target_accuracy)
     n_train = len(X)
     params = layout.views(initial_params(cfg, layout, X))
     grad = layout.zeros()
@@ -76,7 +82,9 @@ def train_local(
         else:
             log(msg)
 
-    log_layout = f"{layout!r}: {n_train} training / {len(X_test)} test images"
+    log_layout = (
+        f"{layout!r}: {n_train} training / {len(d.y_val)} validation / {len(X_test)} test images"
+    )
     emit(log_layout)
     stop = False
     for phase in range(L + 1):
@@ -117,17 +125,19 @@ def train_local(
             if not (crossed or done >= target):
                 continue
             ep = done / n_train
-            test_acc = None
+            acc = None
             if finetune and (
                 done >= target or int(ep / eval_every) > int((prev / n_train) / eval_every)
             ):
-                test_acc = accuracy(params, X_test, y_test)
+                acc = accuracy(params, X_eval, y_eval)
+                if selection.keep_best or selection.target > 0:
+                    selection.offer(acc, total_steps, params.flat.copy())
             rec = {
                 "phase": name,
                 "phase_index": phase,
                 "epoch": round(ep, 6),
                 "loss": loss_sum / loss_n,
-                "test_acc": test_acc,
+                f"{split}_acc": acc,
                 "lr": lr,
                 "momentum": mom,
                 "steps": total_steps,
@@ -137,12 +147,16 @@ def train_local(
             history.append(rec)
             what = "loss" if finetune else "recon"
             msg = f"[{name}] epoch {ep:6.2f}  {what} {rec['loss']:.5f}"
-            if test_acc is not None:
-                msg += f"  test acc {100 * test_acc:.2f}%"
+            if acc is not None:
+                msg += f"  {split} acc {100 * acc:.2f}%"
             msg += f"  lr {lr:.4g} mom {mom:.2f}  {rec['elapsed_s']:.1f}s (cpu {rec['cpu_s']:.0f}s)"
             emit(msg)
             loss_sum, loss_n = 0.0, 0
             if on_epoch is not None and on_epoch(rec, params):
+                stop = True
+                break
+            if finetune and selection.target_reached:
+                emit(f"[{name}] target accuracy {selection.target} reached ({split} {acc:.4f})")
                 stop = True
                 break
         if bar is not None:
@@ -150,6 +164,13 @@ def train_local(
         emit(f"[{name}] done: {done / n_train:.2f} epochs in {time.perf_counter() - t_phase:.1f}s")
         if stop:
             break
+    choice = selection.choose(params.flat, total_steps)
+    if choice.which != "last":
+        emit(
+            f"keeping the {choice.which} parameters (step {choice.version}, {split} acc "
+            f"{100 * choice.accuracy:.2f}%)"
+        )
+        params.flat[...] = choice.params
     return params, history
 
 

@@ -84,12 +84,18 @@ def main(config_path, data_dir, out, summary, resume, restarts, **control_opts) 
     layout = layout_of(cfg)
     data = load_data(cfg, data_dir)
     init = initial_params(cfg, layout, data.X_train)
-    evaluate = None
+    evaluate = evaluate_test = None
+    split = "validation" if len(data.y_val) else "test"
     if topo.rank == 0:
         from dbnps.common.dbn import accuracy
 
-        X_test, y_test = data.X_test, data.y_test
-        evaluate = lambda flat: accuracy(layout.views(flat), X_test, y_test)  # noqa: E731
+        def evaluate_test(flat):
+            return accuracy(layout.views(flat), data.X_test, data.y_test)
+
+        def evaluate(flat):  # model selection: the held-out training images if any
+            return accuracy(layout.views(flat), data.X_val, data.y_val)
+
+        evaluate = evaluate if split == "validation" else evaluate_test
     on_tick = control.on_tick if control is not None else None
     ps = ParameterServer(
         cfg,
@@ -98,6 +104,8 @@ def main(config_path, data_dir, out, summary, resume, restarts, **control_opts) 
         init,
         len(data.y_train),
         evaluate=evaluate,
+        evaluate_test=evaluate_test,
+        eval_split=split,
         on_tick=on_tick,
         resume=resumed,
     )

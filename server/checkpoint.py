@@ -120,6 +120,7 @@ def snapshot(ps, *, job_id: str = "", note: str = "", stop_phase: int | None = N
         "n_workers": int(st.n_workers),
         "next_eval": float(ps._next_eval),  # fine-tune evaluation schedule position (epochs)
         "test_accuracy": float(st.test_accuracy),
+        "eval_accuracy": float(st.eval_accuracy),
         "seeds": {"run.seed": int(ps.cfg.run.seed), "workers": "default_rng([seed, 1, worker])"},
         "config": ps.cfg.to_dict(),
     }

@@ -27,6 +27,7 @@ from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.layout import Layout
 from dbnps.common.schedule import hyper, phase_samples
+from dbnps.common.selection import Selection
 from dbnps.common.updaters import make_rule
 from dbnps.server.state import ServerState
 
@@ -41,6 +42,8 @@ class ParameterServer:
         n_train: int,
         *,
         evaluate=None,
+        evaluate_test=None,
+        eval_split: str = "test",
         log=print,
         on_tick=None,
         resume: tuple[np.ndarray, dict, dict] | None = None,
@@ -50,19 +53,26 @@ class ParameterServer:
         self.topo = topo
         self.layout = layout
         self.log = log if topo.rank == 0 else (lambda *a, **k: None)
-        self.evaluate = evaluate  # callable(flat) -> accuracy, rank 0 only
+        # rank 0 only: callable(flat) -> accuracy on the evaluation split (validation if
+        # the config holds one out, else test) and on the test set (the saved model's report)
+        self.evaluate = evaluate
+        self.evaluate_test = evaluate_test or evaluate
+        self.selection = Selection(keep_best=cfg.run.keep_best, target=cfg.run.target_accuracy)
         self.on_tick = on_tick  # called from the main loop (control-plane requests)
         self.accumulate = cfg.ps.mode == "accumulate"  # workers add their own increments
         self.win = rma.Windows(topo, layout.size, slots=not self.accumulate)
         self.ps = rma.PSServer(self.win)
         self.lo, self.hi = self.ps.lo, self.ps.hi
         names = [layout.phase_name(p) for p in range(layout.done_phase + 1)]
-        self.state = ServerState(topo.n_workers, topo.n_servers, names, n_train=n_train)
+        self.state = ServerState(
+            topo.n_workers, topo.n_servers, names, n_train=n_train, eval_split=eval_split
+        )
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
         self._agg = np.empty(self.hi - self.lo, dtype=np.float32)
         self._flat = np.empty(layout.size, dtype=np.float32)  # rank 0 snapshot for eval
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="eval") if topo.rank == 0 else None
         self._eval: Future | None = None
+        self._eval_of = None  # (history entry, version, snapshot) of the pending evaluation
         self._next_eval = cfg.run.eval_every_epochs
         self._last_log = time.time()
         self._last_refresh = 0.0
@@ -108,6 +118,7 @@ class ParameterServer:
             )
         if same_phase:
             self._next_eval = float(meta.get("next_eval", self._next_eval))
+        self.state.eval_accuracy = float(meta.get("eval_accuracy", float("nan")))
         self.state.test_accuracy = float(meta.get("test_accuracy", float("nan")))
         return params, phase, int(meta["version"]), samples
 
@@ -299,22 +310,18 @@ class ParameterServer:
         }
         finetune = st.phase == self.layout.finetune_phase
         if finetune and self.evaluate is not None and (evaluate or final_of_phase or wait):
-            self._collect_eval()
-            if self._eval is None or wait or final_of_phase:
+            sync = wait or final_of_phase
+            self._collect_eval(block=sync)  # an older result never lands after a newer one
+            if self._eval is None:
                 self.ps.gather_params(self._flat)
-                snap = self._flat.copy()
-                fut = self._pool.submit(self.evaluate, snap)
-                if wait or final_of_phase:
-                    st.test_accuracy = float(fut.result())
-                    entry["test_accuracy"] = st.test_accuracy
-                else:
-                    self._eval = fut
-                    self._eval_entry = entry
+                self._eval = self._pool.submit(self.evaluate, snap := self._flat.copy())
+                self._eval_of = (entry, st.version, snap)
+                self._collect_eval(block=sync)
         st.history.append(entry)
         rate = float(st.worker_stats[:, rma.RATE].sum())
         acc = (
-            f"  test acc {st.test_accuracy:.4f}"
-            if finetune and st.test_accuracy == st.test_accuracy
+            f"  {st.eval_split} acc {st.eval_accuracy:.4f}"
+            if finetune and st.eval_accuracy == st.eval_accuracy
             else ""
         )
         self.log(
@@ -324,11 +331,19 @@ class ParameterServer:
             f"{rate:,.0f} samples/s  loss {st.loss:.4f}{acc}  t={entry['t']:.1f}s"
         )
 
-    def _collect_eval(self) -> None:
-        if self._eval is not None and self._eval.done():
-            self.state.test_accuracy = float(self._eval.result())
-            self._eval_entry["test_accuracy"] = self.state.test_accuracy
-            self._eval = None
+    def _collect_eval(self, block: bool = False) -> None:
+        """Take the pending evaluation's result (waiting for it if `block`) and offer it."""
+        if self._eval is None or not (block or self._eval.done()):
+            return
+        st = self.state
+        acc = float(self._eval.result())
+        entry, version, snap = self._eval_of
+        self._eval = self._eval_of = None
+        st.eval_accuracy = acc
+        if st.eval_split == "test":
+            st.test_accuracy = acc
+        entry[f"{st.eval_split}_accuracy"] = acc
+        self.selection.offer(acc, version, snap)
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> ServerState:
@@ -433,9 +448,13 @@ class ParameterServer:
         Called from the main loop only, never from `_record`: inside `_end_phase`
         a stop would be followed by `_set_phase(done + 1)`.
         """
-        st, target = self.state, self.cfg.run.target_accuracy
-        if target > 0 and st.phase == self.layout.finetune_phase and st.test_accuracy >= target:
-            self.log(f"[server] target accuracy {target} reached ({st.test_accuracy:.4f})")
+        st, sel = self.state, self.selection
+        if sel.target_reached and st.phase == self.layout.finetune_phase and not st.stopped:
+            r = sel.reached
+            self.log(
+                f"[server] target accuracy {sel.target} reached: {st.eval_split} accuracy "
+                f"{r.accuracy:.4f} at version {r.version}"
+            )
             self.request_stop()
 
     def finish(self, out: Path | None = None, summary: Path | None = None) -> dict | None:
@@ -444,23 +463,42 @@ class ParameterServer:
         if self.topo.rank == 0:
             st = self.state
             st.worker_stats = self.ps.read_stats()
-            if self._eval is not None:
-                self._eval.result()
-                self._collect_eval()
+            self._collect_eval(block=True)
             self.ps.gather_params(self._flat)
-            if self.evaluate is not None and st.phase >= self.layout.finetune_phase:
-                st.test_accuracy = float(self.evaluate(self._flat))
+            trained = self.evaluate is not None and st.phase >= self.layout.finetune_phase
+            last_acc = float(self.evaluate(self._flat)) if trained else float("nan")
+            choice = self.selection.choose(self._flat, st.version, last_acc)
+            st.eval_accuracy = choice.accuracy
+            if trained:
+                same = st.eval_split == "test" and choice.accuracy == choice.accuracy
+                st.test_accuracy = choice.accuracy if same else self.evaluate_test(choice.params)
+            st.saved = {
+                "which": choice.which,
+                "version": choice.version,
+                "eval_split": st.eval_split,
+                "eval_accuracy": choice.accuracy,
+                "test_accuracy": st.test_accuracy,
+            }
             result = st.summary()
             if out is not None:
                 from dbnps.common.model import save_model
 
-                save_model(out, self.layout, self._flat, self.cfg, {"summary": result})
+                save_model(out, self.layout, choice.params, self.cfg, {"summary": result})
             if summary is not None:
                 tmp = Path(str(summary) + ".tmp")
                 tmp.write_text(json.dumps(result, indent=1, default=float))
                 tmp.replace(summary)
-            if st.phase >= self.layout.finetune_phase and self.evaluate is not None:
-                self.log(f"final test accuracy: {st.test_accuracy:.4f}")
+            if trained:
+                how = {"last": "last", "best": "best on validation", "target": "at target"}
+                val = (
+                    f", validation accuracy {choice.accuracy:.4f}"
+                    if st.eval_split == "validation"
+                    else ""
+                )
+                self.log(
+                    f"saved model: {how[choice.which]} parameters (version {choice.version})"
+                    f"{val}, final test accuracy: {st.test_accuracy:.4f}"
+                )
             self._pool.shutdown()
         # Rank 0 has read every shard and written the results by now.
         healthy = rma.finalize(self.topo, self.win, timeout_s=self.cfg.ps.exit_timeout_s)

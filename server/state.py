@@ -40,7 +40,10 @@ class ServerState:
     )
     staleness_sum: int = 0
     staleness_max: int = 0
-    test_accuracy: float = float("nan")
+    eval_split: str = "test"  # what evaluations during training use: "validation" or "test"
+    eval_accuracy: float = float("nan")  # the last evaluation, on eval_split
+    test_accuracy: float = float("nan")  # the last test-set accuracy (eval_split test, or the end)
+    saved: dict = field(default_factory=dict)  # what finish() wrote: which, version, accuracies
     loss: float = float("nan")
     done: bool = False  # every worker has left
     stopped: bool = False  # ended by a stop request, not by the schedule
@@ -110,6 +113,9 @@ class ServerState:
                 "max": self.staleness_max,
             },
             "test_accuracy": self.test_accuracy,
+            "eval_split": self.eval_split,
+            "eval_accuracy": self.eval_accuracy,
+            "saved": self.saved,
             "dead_workers": [int(w) for w in np.flatnonzero(~self.worker_alive)],
             "loss": self.loss,
             "wall_s": round(time.time() - self.start_time, 3),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dbnps.common.config import dump_toml
@@ -25,11 +25,17 @@ def write_config(path: Path, sections: dict) -> Path:
 def kill_server_rank(run_dir: Path) -> None:
     """SIGKILL the server rank(s) of the job whose command line names `run_dir`.
 
-    Anchored on the interpreter (`.../python` or `.../python3`, whichever launched
-    the ranks): mpiexec's own command line names the same paths and must survive.
+    Matched on `python -m dbnps.server` at the start of the command line:
+    mpiexec's own command line names the same paths and must survive.
     """
-    pattern = rf"^\S*/python3? -m dbnps\.server .*{re.escape(str(run_dir))}"
-    subprocess.run(["pkill", "-KILL", "-f", pattern], check=True)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if argv[1:3] == ["-m", "dbnps.server"] and any(str(run_dir) in a for a in argv):
+            found.append(proc)
+    assert found, f"no server rank of {run_dir} is running"
+    for proc in found:
+        proc.kill()
 
 
 @dataclass

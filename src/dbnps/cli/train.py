@@ -95,8 +95,13 @@ def train_cmd(
     data = load_mnist(data_dir or cfg.data.dir or None)
     params, history = train_local(cfg, data, progress=not no_progress)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    final = next((h for h in reversed(history) if h.get("test_acc") is not None), None)
-    acc = final["test_acc"] if final else None
+    acc = None
+    if any(h["phase_index"] == len(cfg.model.sizes) - 1 for h in history):
+        from dbnps.common.dbn import accuracy
+        from dbnps.common.job import apply_subsets
+
+        d = apply_subsets(cfg, data)  # the saved parameters, on the test set
+        acc = accuracy(params, d.X_test, d.y_test)
     layout = Layout(cfg.model.sizes, cfg.model.classes)
     meta = {
         "trainer": "local",

@@ -1,0 +1,76 @@
+"""The model a job saves is the one it reports: target stop and keep-best, real mpiexec jobs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_config
+
+from dbnps.common.config import load
+from dbnps.common.dbn import accuracy
+from dbnps.common.job import load_data
+from dbnps.common.model import load_model
+
+BASE = {
+    "model": {"sizes": [784, 64]},
+    "data": {"train_subset": 3000, "test_subset": 1000},
+    "pretrain": {"epochs": 1.0},
+    "finetune": {"epochs": 30.0, "lr": 0.5, "momentum_switch_epoch": 1.0},
+    "run": {"eval_every_epochs": 0.5},
+}
+
+
+def saved_test_accuracy(cfg_path, run_dir) -> float:
+    _, params, _, _ = load_model(run_dir / "model.npz")
+    d = load_data(load(cfg_path))
+    return accuracy(params, d.X_test, d.y_test)
+
+
+def close(a: float, b: float, n: int) -> bool:
+    # The test recomputes in another process with other BLAS threads: a near-tie
+    # may flip one image, never more.
+    return abs(a - b) <= 1.5 / n
+
+
+def test_target_stop_saves_the_parameters_that_reached_the_target(tmp_path, job):
+    cfg = write_config(
+        tmp_path / "t.toml", {**BASE, "run": {**BASE["run"], "target_accuracy": 0.8}}
+    )
+    res = job(cfg, workers=2)
+    assert res.rc == 0, res.output
+    s = res.summary
+    assert s["saved"]["which"] == "target" and s["eval_split"] == "test", s["saved"]
+    assert s["saved"]["eval_accuracy"] >= 0.8
+    # Reported as reached == reported as final == what the saved file scores.
+    assert s["test_accuracy"] == s["saved"]["eval_accuracy"]
+    assert f"test accuracy {s['test_accuracy']:.4f}" in res.output.replace("accuracy:", "accuracy")
+    assert close(saved_test_accuracy(cfg, res.run_dir), s["test_accuracy"], 1000)
+    # The stop came from the target, well before the 30 scheduled epochs.
+    assert s["history"][-1]["epoch"] < 30
+
+
+def test_keep_best_selects_on_validation_and_reports_test(tmp_path, job):
+    sections = {
+        **BASE,
+        "data": {**BASE["data"], "validation": 500},
+        "finetune": {**BASE["finetune"], "epochs": 4.0},
+        "run": {**BASE["run"], "keep_best": True},
+    }
+    cfg = write_config(tmp_path / "b.toml", sections)
+    res = job(cfg, workers=2)
+    assert res.rc == 0, res.output
+    s = res.summary
+    assert s["eval_split"] == "validation"
+    vals = [h["validation_accuracy"] for h in s["history"] if "validation_accuracy" in h]
+    assert len(vals) >= 4 and not any("test_accuracy" in h for h in s["history"])
+    assert s["saved"]["which"] == "best"
+    assert s["saved"]["eval_accuracy"] >= max(vals)
+    assert close(saved_test_accuracy(cfg, res.run_dir), s["test_accuracy"], 1000)
+    assert "validation accuracy" in res.output and "best on validation" in res.output
+
+
+def test_keep_best_without_validation_is_refused(tmp_path):
+    from dbnps.common.errors import ConfigError
+
+    cfg = write_config(tmp_path / "x.toml", {"run": {"keep_best": True}})
+    with pytest.raises(ConfigError, match="validation"):
+        load(cfg)
