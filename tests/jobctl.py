@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def job_env(state_dir: Path) -> dict:
     return env
 
 
-def start_job(tmp: Path, job_id: str, *, workers: int = 2) -> StartedJob:
+def start_job(tmp: Path, job_id: str, *, workers: int = 2, args: tuple = ()) -> StartedJob:
     cfg = write_config(tmp / "long.toml", LONG_JOB)
     env = job_env(tmp / "state")
     res = psctl(
@@ -86,12 +87,20 @@ def start_job(tmp: Path, job_id: str, *, workers: int = 2) -> StartedJob:
         job_id,
         "--timeout",
         "80",
+        *args,
         env=env,
     )
     run_dir = tmp / "state" / "runs" / job_id
     assert res.returncode == 0, res.stdout + res.stderr + _log(run_dir)
     info = json.loads((run_dir / "job.json").read_text())
     return StartedJob(job_id, run_dir, env, info)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick; a small race is accepted)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_quietly(job: StartedJob) -> None:

@@ -21,7 +21,15 @@ import numpy as np
 import pytest
 from conftest import write_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from jobctl import LONG_JOB, job_env, psctl, session_alive, start_job, stop_quietly
+from jobctl import (
+    LONG_JOB,
+    free_port,
+    job_env,
+    psctl,
+    session_alive,
+    start_job,
+    stop_quietly,
+)
 
 from dbnps.common.errors import DataError
 from dbnps.server.checkpoint import load_checkpoint
@@ -115,7 +123,9 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ctl")
     watcher = HealthWatcher(tmp / "state" / "runs" / JOB_ID)
     watcher.start()
-    j = start_job(tmp, JOB_ID)
+    # Fixed ports: test_resume_keeps_the_addresses checks a resumed run gets them again.
+    ports = ("--grpc-port", str(free_port()), "--metrics-port", str(free_port()))
+    j = start_job(tmp, JOB_ID, args=ports)
     j.watcher = watcher
     yield j
     stop_quietly(j)
@@ -311,6 +321,28 @@ def test_graceful_stop(job):
     assert res.returncode != 0 and "not running" in res.stderr
     listed = json.loads(job.psctl("list", "--json").stdout)
     assert [(r["job_id"], r["state"]) for r in listed] == [(JOB_ID, "exited 0")]
+
+
+def test_resume_keeps_the_addresses(job):
+    """`start --resume` without port options listens where the resumed run did."""
+    res = job.psctl("start", "--resume", job.job_id, "--job-id", "ctl-resumed", "--timeout", "80")
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads((job.run_dir.parent / "ctl-resumed" / "job.json").read_text())
+    try:
+        assert (info["grpc"], info["metrics"]) == (job.grpc, job.metrics)
+        text = job.psctl("status", "--run", "ctl-resumed")
+        assert text.returncode == 0, text.stderr
+        assert "(since resume)" in text.stdout and "resumed from" in text.stdout, text.stdout
+        status = json.loads(job.psctl("status", "--run", "ctl-resumed", "--json").stdout)
+        # fully structured: the resolved config is an object, not JSON text in a string
+        assert status["config"]["resolved"]["model"]["sizes"] == [784, 32, 32]
+        assert "config_json" not in status["config"]
+    finally:
+        job.psctl("stop", "--force", "--run", "ctl-resumed")
+    assert (
+        json.loads((job.run_dir.parent / "ctl-resumed" / "exit.json").read_text())["stopped_by"]
+        == "psctl stop --force"
+    )
 
 
 def test_tls_control_plane(tmp_path):

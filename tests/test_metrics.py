@@ -1,17 +1,22 @@
-"""Prometheus `/metrics` of a real detached job: values move, `promtool check metrics` is silent."""
+"""Prometheus `/metrics` of a real detached job: values move, `promtool check metrics` is
+silent, and a real Prometheus server run with the shipped config finds the job by itself
+and answers every dashboard query with data."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from jobctl import session_alive, start_job, stop_quietly
+from jobctl import free_port, session_alive, start_job, stop_quietly
 from prometheus_client.parser import text_string_to_metric_families
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -120,11 +125,113 @@ def test_deploy_files_match_the_metrics(job, tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
 
 
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    dash = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+# The shipped config's file_sd path (root's default state dir) and scrape interval.
+SHIPPED_SD_PATH = "/root/.local/state/dbnps/prometheus/*.json"
+
+
+def _prometheus_api(base: str, path: str, **params) -> dict:
+    url = f"{base}{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:  # 400: the query does not parse; say why
+        raise AssertionError(f"{url}: {exc.read().decode()}") from None
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.fixture
+def prometheus(job, tmp_path):
+    """The real Prometheus server with deploy/prometheus.yml, pointed at the test's state dir."""
+    binary = shutil.which("prometheus")
+    assert binary, "the Prometheus server is needed (Debian: apt-get install prometheus)"
+    shipped = (DEPLOY / "prometheus.yml").read_text()
+    assert SHIPPED_SD_PATH in shipped and "scrape_interval: 5s" in shipped
+    sd = Path(job.env["DBNPS_STATE_DIR"]) / "prometheus" / "*.json"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        shipped.replace(SHIPPED_SD_PATH, str(sd)).replace(
+            "scrape_interval: 5s", "scrape_interval: 1s"
+        )
+    )
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "Prometheus not ready in 30 s"
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def test_prometheus_finds_the_job_and_the_dashboard_has_data(job, prometheus):
+    """Discovery through psctl's file_sd file, then every dashboard expression returns data."""
+    target = Path(job.info["prometheus_target"])
+    assert json.loads(target.read_text()) == [
+        {"targets": [job.metrics], "labels": {"launcher": "psctl"}}
+    ]
+    deadline = time.monotonic() + 30
+    while True:
+        active = _prometheus_api(prometheus, "/api/v1/targets")["activeTargets"]
+        mine = [t for t in active if t["labels"].get("instance") == job.metrics]
+        if mine and mine[0]["health"] == "up":
+            break
+        assert time.monotonic() < deadline, active
+        time.sleep(0.5)
+    assert mine[0]["labels"]["job"] == "dbnps" and mine[0]["labels"]["launcher"] == "psctl"
+    # A checkpoint between scrapes gives the checkpoint-duration rate a value (not 0/0).
+    time.sleep(1.5)
+    assert job.psctl("checkpoint", "--run", job.job_id).returncode == 0
+    pending = {expr: title for title, expr in _dashboard_exprs()}
+    deadline = time.monotonic() + 60
+    while pending and time.monotonic() < deadline:
+        for expr in list(pending):
+            # Grafana's regex variable; a PromQL string needs "\\." for a literal dot
+            q = expr.replace("$job_id", job.job_id.replace(".", "\\\\."))
+            result = _prometheus_api(prometheus, "/api/v1/query", query=q)["result"]
+            if result and all(math.isfinite(float(r["value"][1])) for r in result):
+                del pending[expr]
+        time.sleep(1)
+    assert not pending, f"dashboard queries without data: {pending}"
+
+
 def test_force_stop_leaves_nothing(job):
     sid = job.info["sid"]
     assert session_alive(sid)
     res = job.psctl("stop", "--force", "--run", job.job_id)
     assert res.returncode == 0, res.stderr
     assert not session_alive(sid)
+    # recorded as the user's kill, not as a failure; the Prometheus target is withdrawn
+    listed = json.loads(job.psctl("list", "--json").stdout)
+    assert [(r["job_id"], r["state"]) for r in listed] == [(job.job_id, "killed")]
+    assert json.loads((job.run_dir / "exit.json").read_text())["stopped_by"] == "psctl stop --force"
+    assert not Path(job.info["prometheus_target"]).exists()
+    res = job.psctl("status", "--run", job.job_id)
+    assert res.returncode != 0 and "killed by `psctl stop --force`" in res.stderr, res.stderr
     res = job.psctl("stop", "--force", "--run", job.job_id)
     assert res.returncode != 0 and res.stderr.startswith("error: ")

@@ -21,6 +21,9 @@ from dbnps.common.errors import UserError
 
 STOP_MARKER = "stop-requested"  # in the run dir: written by the Stop RPC, read by the supervisor
 FORCE_MARKER = "force-stop-requested"  # written by `psctl stop --force` before it kills the job
+# exit.json "stopped_by": who ended a job that did not end by itself
+STOPPED_BY_STOP = "psctl stop"
+STOPPED_BY_FORCE = "psctl stop --force"
 TARGETS_DIR = "prometheus"  # under the state dir: one file_sd JSON file per job
 
 
@@ -52,17 +55,12 @@ def target_file(state_dir: Path, job_id: str) -> Path:
     return Path(state_dir) / TARGETS_DIR / f"{job_id}.json"
 
 
-def write_target(state_dir: Path, job_id: str, metrics: str, labels: dict[str, str]) -> Path:
+def write_target(path: Path, metrics: str) -> None:
     """Publish `metrics` (HOST:PORT of /metrics) as a Prometheus file_sd target group.
 
     No `job_id` target label: the job's own series carry it (`dbnps_job_info`),
     and a target label of the same name would rename theirs to `exported_job_id`.
     """
-    path = target_file(state_dir, job_id)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, [{"targets": [metrics], "labels": labels}])
-    return path
-
-
-def remove_target(state_dir: Path, job_id: str) -> None:
-    target_file(state_dir, job_id).unlink(missing_ok=True)
+    write_json_atomic(path, [{"targets": [metrics], "labels": {"launcher": "psctl"}}])

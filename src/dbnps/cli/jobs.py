@@ -22,6 +22,7 @@ mutating ones).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,14 @@ import click
 
 from dbnps.cli.placement import placement_options
 from dbnps.common.errors import UserError
-from dbnps.runfiles import read_token, write_token
+from dbnps.runfiles import (
+    FORCE_MARKER,
+    STOPPED_BY_FORCE,
+    read_token,
+    target_file,
+    write_target,
+    write_token,
+)
 
 STATE_ENV = "DBNPS_STATE_DIR"
 TOKEN_ENV = "DBNPS_TOKEN"
@@ -134,7 +142,7 @@ class Run:
         if self.running():
             return "running"
         ex = self.exit_info()
-        if ex is None:
+        if ex is None or ex.get("stopped_by") == STOPPED_BY_FORCE:
             return "killed"
         return f"exited {ex['returncode']}"
 
@@ -149,7 +157,15 @@ class Run:
         if ex is None:
             return "its process is gone without an exit status (killed?)"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ex["ended"]))
+        if ex.get("stopped_by") == STOPPED_BY_FORCE:
+            return f"was killed by `{STOPPED_BY_FORCE}` at {when}"
         return f"exited with status {ex['returncode']} at {when}"
+
+    def drop_target(self) -> None:
+        """Withdraw the job's Prometheus target (an ended job is no target to scrape)."""
+        path = self.info.get("prometheus_target")
+        if path:
+            Path(path).unlink(missing_ok=True)
 
 
 def find_run(run_id: str | None) -> Run:
@@ -352,9 +368,23 @@ def _kill_session(sid: int, grace_s: float = 5.0) -> int:
 @click.option("--workers", "-k", type=int, default=2, show_default=True)
 @click.option("--servers", "-s", type=int, default=1, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--grpc-port", type=click.IntRange(0, 65535), default=0, help="0: any free port")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, help="0: any free port")
-@click.option("--bind", default="127.0.0.1", show_default=True, help="address the job listens on")
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="0 (default): any free port; with --resume: the resumed run's",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="0 (default): any free port; with --resume: the resumed run's",
+)
+@click.option(
+    "--bind",
+    default=None,
+    help="address the job listens on (default 127.0.0.1; with --resume: the resumed run's)",
+)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to be ready")
 @click.option("--job-id", default=None, help="name of the run (default: time + random)")
 @click.option("--tls-cert", type=click.Path(path_type=Path), default=None)
@@ -405,6 +435,7 @@ def start_cmd(
     from dbnps.common.mnist import resolve_data_dir
 
     resumed = _resume_source(resume) if resume is not None else None
+    grpc_port, metrics_port, bind = _listen_options(resumed, grpc_port, metrics_port, bind)
     # Resuming without --config: the checkpoint's own config (written into the new run dir).
     # Otherwise a bad config fails here, once, not in every rank.
     cfg = resumed["cfg"] if resumed is not None and config is None else load(config)
@@ -496,6 +527,8 @@ def start_cmd(
                 str(restart_on_failure),
                 "--run-dir",
                 str(run_dir),
+                "--targets-file",
+                str(target_file(state_dir(), job_id)),
                 "--",
                 *argv,
             ],
@@ -517,6 +550,7 @@ def start_cmd(
         "workers": workers,
         "servers": servers,
         "bind": bind,
+        "prometheus_target": str(target_file(state_dir(), job_id)),
         "hosts": None
         if placement is None
         else {"servers": list(placement.servers), "workers": list(placement.workers)},
@@ -567,11 +601,15 @@ def start_cmd(
         time.sleep(0.1)
     info["grpc"], info["metrics"] = ep["grpc"], ep.get("metrics") or None
     _write_json(run_dir / "job.json", info)
+    if info["metrics"]:  # Prometheus (deploy/prometheus.yml) finds the job from here on
+        write_target(Path(info["prometheus_target"]), info["metrics"])
     click.echo(f"psctl: started job {job_id} ({servers} server + {workers} workers)")
     click.echo(f"  run dir  {run_dir}")
     click.echo(f"  gRPC     {info['grpc']}  (token: {token_path})")
     if info["metrics"]:
-        click.echo(f"  metrics  http://{info['metrics']}/metrics")
+        click.echo(
+            f"  metrics  http://{info['metrics']}/metrics  (target {info['prometheus_target']})"
+        )
     click.echo(f"  log      {log}")
     if resumed is not None:
         m = resumed["meta"]
@@ -579,6 +617,38 @@ def start_cmd(
             f"  resumed  {resumed['path']} (phase {m['phase_name']}, version {m['version']})"
         )
     click.echo("  next     psctl status | psctl logs -f | psctl checkpoint | psctl stop")
+
+
+def _listen_options(
+    resumed: dict | None, grpc_port: int | None, metrics_port: int | None, bind: str | None
+) -> tuple[int, int, str]:
+    """(gRPC port, metrics port, bind address) of a new job.
+
+    Given on the command line, else those the resumed run asked for (so the
+    scrape configs, port-forwards and firewall rules made for it still hold),
+    else any free port on loopback.  A run's request is read back from the
+    server arguments in its job.json.
+    """
+    asked: dict[str, str] = {}
+    if resumed is not None:
+        try:
+            argv = json.loads((Path(resumed["run"]) / "job.json").read_text()).get("argv") or []
+        except (OSError, ValueError):
+            argv = []
+        for flag, value in itertools.pairwise(argv):
+            if flag == ":":
+                break  # the workers' section
+            if flag in ("--grpc-port", "--metrics-port", "--bind"):
+                asked[flag] = value
+
+    def port(given: int | None, flag: str) -> int:
+        if given is not None:
+            return given
+        return int(asked[flag]) if asked.get(flag, "").isdigit() else 0
+
+    if bind is None:
+        bind = asked.get("--bind", "127.0.0.1")
+    return port(grpc_port, "--grpc-port"), port(metrics_port, "--metrics-port"), bind
 
 
 def _resume_source(spec: str) -> dict:
@@ -628,30 +698,43 @@ def _check_resumable(resumed: dict, cfg, n_params: int) -> None:
 
 
 # -- psctl status --------------------------------------------------------------------
-def _status_dict(msg) -> dict:
-    """A message as plain JSON values: every field present, 64-bit integers as numbers.
+def _message_dict(msg) -> dict:
+    """`msg` in the proto3 JSON mapping (what grpcurl prints: int64 as strings), every field
+    present, with the fields that carry JSON text (`config.config_json`, `history_json`)
+    parsed into objects, so `--json` output is JSON all the way down."""
+    from google.protobuf.json_format import MessageToDict
 
-    (The proto3 JSON mapping writes int64 as strings, which scripts do not want.)
-    """
-    out = {}
-    for f in msg.DESCRIPTOR.fields:
-        value = getattr(msg, f.name)
-        if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            out[f.name] = dict(value)
-        elif f.message_type is not None:
-            out[f.name] = [_status_dict(v) for v in value] if f.is_repeated else _status_dict(value)
-        elif f.is_repeated:
-            out[f.name] = list(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            out[f.name] = None  # JSON has no NaN
-        else:
-            out[f.name] = value
+    out = MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    cfg = out.get("config")
+    if isinstance(cfg, dict) and "config_json" in cfg:
+        text = cfg.pop("config_json")
+        cfg["resolved"] = json.loads(text) if text else None
+    if "history_json" in out:
+        out["history"] = [json.loads(h) for h in out.pop("history_json")]
     return out
 
 
-def _fmt_status(msg) -> str:
+def _fmt_status(msg, run_info: dict | None = None) -> str:
     p = msg.progress
     rej = dict(msg.updates_rejected)
+    if not msg.ready and not msg.stopping and p.n_phases == 0:
+        # Rank 0 serves before the windows exist: nothing to say about phases or workers
+        # yet, except what the run asked for.
+        info = run_info or {}
+        asked = (
+            f"  {info['servers']} server(s), {info['workers']} worker(s) requested"
+            if info.get("workers")
+            else ""
+        )
+        return (
+            f"job {msg.job_id}  starting  up {msg.uptime_seconds:.0f}s{asked}"
+            f"  net {'-'.join(map(str, msg.config.sizes))}  rule {msg.config.update_rule}\n"
+            "waiting for every rank to join (RMA windows not ready yet)"
+        )
+    # updates_applied counts this server process; version carries on over a resume/restart.
+    since = "  (since resume)" if msg.resumed_from or msg.restarts else ""
     lines = [
         f"job {msg.job_id}  {'stopping' if msg.stopping else 'running' if msg.ready else 'starting'}"
         f"  up {msg.uptime_seconds:.0f}s  {msg.config.n_servers} server(s), "
@@ -661,7 +744,7 @@ def _fmt_status(msg) -> str:
         + (f"  resumed from {msg.resumed_from}" if msg.resumed_from else ""),
         f"phase {p.phase} ({p.phase_index + 1}/{p.n_phases})  epoch {p.epoch:.2f}/"
         f"{p.phase_epochs:g} ({100 * p.fraction:.1f}%)  version {msg.version}",
-        f"updates applied {msg.updates_applied}, rejected {sum(rej.values())}"
+        f"updates applied {msg.updates_applied}{since}, rejected {sum(rej.values())}"
         + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) + ")" if rej else "")
         + f"  staleness mean {msg.staleness.mean:.2f} max {msg.staleness.max}",
         f"throughput {msg.samples_per_second:,.0f} samples/s  loss "
@@ -701,11 +784,11 @@ def status_cmd(run_id, address, token_file, tls_ca, as_json, watch, interval) ->
                 return
             raise
         if as_json:
-            click.echo(json.dumps(_status_dict(msg), indent=None if watch else 1))
+            click.echo(json.dumps(_message_dict(msg), indent=None if watch else 1))
         else:
             if watch:
                 click.clear()
-            click.echo(_fmt_status(msg))
+            click.echo(_fmt_status(msg, target.run.info if target.run else None))
         if not watch:
             return
         try:
@@ -730,7 +813,15 @@ def stop_cmd(run_id, address, token_file, tls_ca, force, timeout) -> None:
         sid = run.info.get("sid")
         if not sid or not session_pids(sid):
             raise UserError(f"job {run.id} is not running: {run.describe_end()}")
+        # Read by the supervisor: the end is the user's doing, not a failure to restart.
+        (run.dir / FORCE_MARKER).touch()
         n = _kill_session(sid)
+        if run.exit_info() is None:  # the supervisor was killed before it could say so
+            _write_json(
+                run.dir / "exit.json",
+                {"returncode": None, "ended": time.time(), "stopped_by": STOPPED_BY_FORCE},
+            )
+        run.drop_target()
         click.echo(f"psctl: killed job {run.id} ({n} processes)")
         return
     target = _target(run_id, address, token_file, tls_ca)
@@ -795,30 +886,40 @@ def checkpoints_cmd(run_id, address, token_file, tls_ca, as_json) -> None:
             from dbnps.server.checkpoint import CheckpointStore
 
             infos = [
-                {
-                    "path": str(i.path),
-                    "version": i.version,
-                    "phase": i.phase,
-                    "size_bytes": i.size_bytes,
-                    "created_unix": i.created_unix,
-                    "sha256": i.sha256,
-                }
+                _message_dict(
+                    pb.CheckpointInfo(
+                        path=str(i.path),
+                        version=i.version,
+                        phase=i.phase,
+                        size_bytes=i.size_bytes,
+                        created_unix=i.created_unix,
+                        sha256=i.sha256,
+                    )
+                )
                 for i in CheckpointStore(run.dir / "checkpoints").list()
             ]
-            _print_checkpoints(infos, as_json)
+            _print_checkpoints(infos, as_json, f"job {run.id}")
             return
     target = _target(run_id, address, token_file, tls_ca)
     reply = target.call("ListCheckpoints", pb.ListCheckpointsRequest())
-    _print_checkpoints([_status_dict(c) for c in reply.checkpoints], as_json)
+    who = f"job {target.run.id}" if target.run else target.address
+    _print_checkpoints([_message_dict(c) for c in reply.checkpoints], as_json, who)
 
 
-def _print_checkpoints(infos: list[dict], as_json: bool) -> None:
+def _print_checkpoints(infos: list[dict], as_json: bool, who: str) -> None:
     if as_json:
         click.echo(json.dumps(infos, indent=1))
         return
+    if not infos:
+        click.echo(f"no checkpoints yet ({who}); `psctl checkpoint` writes one")
+        return
+    click.echo(f"{'CREATED':<19}  {'VERSION':>9}  {'PHASE':<11} {'SIZE':>10}  PATH")
     for c in infos:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(c["created_unix"])))
-        click.echo(f"{when}  version {int(c['version']):>9}  {c['phase']:<11} {c['path']}")
+        click.echo(
+            f"{when}  {int(c['version']):>9}  {c['phase']:<11} {int(c['size_bytes']):>10}  "
+            f"{c['path']}"
+        )
 
 
 # -- psctl logs / list -------------------------------------------------------------------
@@ -856,6 +957,9 @@ def logs_cmd(run_id, follow) -> None:
 def list_cmd(as_json) -> None:
     """List runs in the state directory."""
     runs = _all_runs()
+    for r in runs:
+        if not r.running():
+            r.drop_target()
     try:
         latest = (runs_dir() / "latest").resolve().name
     except OSError:

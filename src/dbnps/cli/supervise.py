@@ -15,6 +15,15 @@ original `--resume` source if there was one, else from scratch.  Each restart
 is appended to DIR/restarts.json and told to the server (`--restarts`), so
 `psctl status` shows the count.
 
+`--targets-file F`: the job's Prometheus file_sd target (dbnps.runfiles).  A
+thread keeps F in step with the metrics address in DIR/endpoints.json (a
+restarted job may listen on a new port), and F is removed when the job ends.
+
+EXIT_JSON also says who ended a job that did not end by itself
+(`stopped_by`: `psctl stop`, `psctl stop --force`, or the signal's name), and
+the log's last line says it too: mpiexec's own last words on a SIGTERM
+("Abort is in progress...") read like a crash.
+
 The wait for mpiexec has no timeout of its own, because a job may train for
 days; a dead or stuck server ends the job through the workers' watchdogs
 (`[ps] step_timeout_s`), and mpiexec then ends too.
@@ -28,10 +37,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from dbnps.runfiles import STOP_MARKER
+from dbnps.runfiles import (
+    FORCE_MARKER,
+    STOP_MARKER,
+    STOPPED_BY_FORCE,
+    STOPPED_BY_STOP,
+    write_target,
+)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -71,19 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     usage = (
         "usage: python -m dbnps.cli.supervise EXIT_JSON "
-        "[--restart-on-failure N --run-dir DIR] -- CMD..."
+        "[--restart-on-failure N --run-dir DIR --targets-file F] -- CMD..."
     )
     if len(args) < 3 or "--" not in args[1:]:
         print(usage, file=sys.stderr)
         return 2
     sep = args.index("--", 1)
     exit_file, opts, cmd = Path(args[0]), args[1:sep], args[sep + 1 :]
-    max_restarts, run_dir = 0, exit_file.parent
+    max_restarts, run_dir, targets = 0, exit_file.parent, None
     while opts:
         if opts[0] == "--restart-on-failure" and len(opts) > 1 and opts[1].isdigit():
             max_restarts, opts = int(opts[1]), opts[2:]
         elif opts[0] == "--run-dir" and len(opts) > 1:
             run_dir, opts = Path(opts[1]), opts[2:]
+        elif opts[0] == "--targets-file" and len(opts) > 1:
+            targets, opts = Path(opts[1]), opts[2:]
         else:
             print(usage, file=sys.stderr)
             return 2
@@ -102,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
 
+    publisher = _TargetPublisher(run_dir / "endpoints.json", targets) if targets else None
+    if publisher is not None:
+        publisher.start()
     restarts: list[dict] = []
     original = _original_resume(cmd)
     this_cmd = cmd
@@ -131,8 +152,44 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "endpoints.json").unlink(missing_ok=True)  # the old address is dead
         extra = ["--restarts", str(n)] + (["--resume", source] if source else [])
         this_cmd = with_server_args(cmd, extra)
-    _write_json(exit_file, {"returncode": rc, "ended": time.time(), "restarts": len(restarts)})
+    if publisher is not None:
+        publisher.close()
+    end = {"returncode": rc, "ended": time.time(), "restarts": len(restarts)}
+    if (run_dir / FORCE_MARKER).exists():
+        end["stopped_by"] = STOPPED_BY_FORCE
+    elif (run_dir / STOP_MARKER).exists():
+        end["stopped_by"] = STOPPED_BY_STOP
+    elif signalled:
+        end["stopped_by"] = signal.Signals(signalled[0]).name
+    if "stopped_by" in end and rc != 0:
+        _log(f"job ended by {end['stopped_by']} (mpiexec exit status {rc})")
+    _write_json(exit_file, end)
     return rc if rc >= 0 else 128 - rc
+
+
+class _TargetPublisher(threading.Thread):
+    """Keeps the Prometheus target file in step with the job's metrics address."""
+
+    def __init__(self, endpoints: Path, targets: Path, period_s: float = 0.5):
+        super().__init__(name="targets", daemon=True)
+        self.endpoints, self.targets, self.period_s = endpoints, targets, period_s
+        self._closing = threading.Event()
+
+    def run(self) -> None:
+        published = None
+        while not self._closing.wait(self.period_s):
+            try:
+                metrics = json.loads(self.endpoints.read_text()).get("metrics")
+            except (OSError, ValueError):
+                continue  # not written yet, or being replaced after a restart
+            if metrics and metrics != published:
+                write_target(self.targets, metrics)
+                published = metrics
+
+    def close(self) -> None:
+        self._closing.set()
+        self.join(5)
+        self.targets.unlink(missing_ok=True)
 
 
 def _restart_point(run_dir: Path, original: str | None) -> tuple[str | None, int | None]:
