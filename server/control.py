@@ -44,9 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from dbnps.common import rma
 from dbnps.common.config import Config
@@ -63,6 +64,9 @@ MAX_TIMEOUT_S = 3600.0
 _WORKER_STATES = {0.0: "starting", rma.STATE_RUNNING: "running", rma.STATE_DONE: "done"}
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
 class RpcError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -75,6 +79,71 @@ class _Request:
     kind: str  # "snapshot" | "stop"
     args: dict
     future: futures.Future
+
+
+class _Health(health.HealthServicer):
+    """grpcio-health-checking's servicer, plus `List`.
+
+    The package's generated stubs (and so reflection) carry the newer
+    health.proto with `List`, but its servicer does not implement it
+    (grpc/grpc#41991): clients that ask get UNIMPLEMENTED.  This answers from
+    the statuses `set` was given.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._statuses: dict[str, int] = {}
+
+    def set(self, service, status):
+        super().set(service, status)
+        self._statuses[service] = status
+
+    def List(self, request, context):
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in dict(self._statuses).items()
+            }
+        )
+
+
+def _add_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as `grpc.reflection.v1` and `v1alpha` (grpcio-reflection: v1alpha only).
+
+    Current grpcurl and Postman ask for v1 first.  The two protocols are the
+    same messages under two package names (grpc-proto's v1/reflection.proto
+    is v1alpha's, renamed), so one servicer answers both; v1's descriptor is
+    v1alpha's file with the package renamed, so a client can describe v1 too.
+    """
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileContainingSymbol(REFLECTION_V1)
+    except KeyError:
+        fdp = descriptor_pb2.FileDescriptorProto()
+        reflection_pb2.DESCRIPTOR.CopyToProto(fdp)
+        fdp.name, fdp.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+        old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+        for msg in fdp.message_type:
+            for field in msg.field:
+                if field.type_name.startswith(old):  # scalar fields have none: leave unset
+                    field.type_name = new + field.type_name[len(old) :]
+        for svc in fdp.service:
+            for m in svc.method:
+                m.input_type = m.input_type.replace(old, new)
+                m.output_type = m.output_type.replace(old, new)
+        pool.Add(fdp)
+    servicer = reflection.ReflectionServicer((*services, REFLECTION_V1, reflection.SERVICE_NAME))
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": method})
+            for name in (REFLECTION_V1, reflection.SERVICE_NAME)
+        )
+    )
 
 
 def host_port(host: str, port: int) -> str:
@@ -135,7 +204,7 @@ class ControlPlane:
         self._stop_phase: int | None = None
         self._final: futures.Future = futures.Future()
         self._server: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self._health = _Health()
         self._metrics_httpd = None
         self.restarts = 0  # times the supervisor relaunched this job (psctl --restart-on-failure)
         self.resumed_from = ""  # checkpoint this process continued from
@@ -152,9 +221,7 @@ class ControlPlane:
         )
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        _add_reflection(server, (SERVICE, health.SERVICE_NAME))
         target = host_port(self.bind, self.grpc_port)
         try:
             if self.tls:
@@ -188,14 +255,14 @@ class ControlPlane:
                 "pid": os.getpid(),
             },
         )
-        self.log(
-            f"[control] gRPC on {self.grpc_address}"
-            + (
-                f", metrics on http://{self.metrics_address}/metrics"
-                if self.metrics_address
-                else ""
-            )
-        )
+        # Where the sockets really are (bind), and, when that is a wildcard, the
+        # address a client on this host uses (what endpoints.json and psctl use).
+        msg = f"[control] gRPC listening on {host_port(self.bind or '0.0.0.0', port)}"
+        if self.metrics_address:
+            msg += f", metrics on http://{host_port(self.bind or '0.0.0.0', mport)}/metrics"
+        if connect_host(self.bind) != self.bind:
+            msg += f" (all interfaces; from this host: {self.grpc_address})"
+        self.log(msg)
 
     def attach(self, ps) -> None:
         """The windows exist: status and mutating calls can be served."""

@@ -159,6 +159,8 @@ def test_status_reports_progress(job):
     assert b["has_loss"] and np.isfinite(b["loss"])
     table = job.psctl("status", "--run", job.job_id)
     assert table.returncode == 0 and "WORKER" in table.stdout and JOB_ID in table.stdout
+    none = job.psctl("checkpoints", "--run", job.job_id)  # none yet: says so
+    assert none.returncode == 0 and none.stdout.startswith("no checkpoints yet"), none.stdout
 
 
 def test_cli_commands_are_the_lazy_map():
@@ -261,15 +263,55 @@ def test_mutating_rpcs_need_the_token(job):
     assert res.returncode != 0 and res.stderr.startswith("error: bad token"), res.stderr
 
 
-def test_reflection_lists_the_services(job):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+def _reflect(channel, version: str, request):
+    """One reflection request over `grpc.reflection.<version>` (v1 and v1alpha share messages)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    call = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return next(iter(call(iter([request]), timeout=10)))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_lists_the_services(job, version):
+    """What grpcurl does: list the services, then fetch a service's descriptor."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
 
     with grpc.insecure_channel(job.grpc) as ch:
-        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=10)))
-    names = {s.name for s in resp.list_services_response.service}
-    assert {"dbnps.v1.Control", "grpc.health.v1.Health"} <= names
+        resp = _reflect(ch, version, reflection_pb2.ServerReflectionRequest(list_services=""))
+        names = {s.name for s in resp.list_services_response.service}
+        assert names == {
+            "dbnps.v1.Control",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        for symbol in sorted(names):
+            req = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+            resp = _reflect(ch, version, req)
+            assert resp.WhichOneof("message_response") == "file_descriptor_response", symbol
+            files = [
+                descriptor_pb2.FileDescriptorProto.FromString(b)
+                for b in resp.file_descriptor_response.file_descriptor_proto
+            ]
+            package, _, service = symbol.rpartition(".")
+            [own] = [f for f in files if f.package == package]
+            assert service in [s.name for s in own.service]
+
+
+def test_health_list_answers(job):
+    """List is in the health service's descriptor, so it is served, not UNIMPLEMENTED."""
+    with grpc.insecure_channel(job.grpc) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).List(health_pb2.HealthListRequest(), timeout=10)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert {k: v.status for k, v in resp.statuses.items()} == {
+        "": serving,
+        "dbnps.v1.Control": serving,
+    }
 
 
 def test_checkpoint_writes_a_verified_file(job):
@@ -387,5 +429,31 @@ def test_tls_control_plane(tmp_path):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         with grpc.insecure_channel(cp.grpc_address) as ch, pytest.raises(grpc.RpcError):
             pbg.ControlStub(ch).GetStatus(pb.GetStatusRequest(), timeout=3)
+    finally:
+        cp.close(grace_s=0)
+
+
+def test_control_plane_says_where_it_listens(tmp_path):
+    """Bound to every interface: the log names 0.0.0.0, and the address local clients use;
+    before the windows exist, status shows no made-up phase or worker count."""
+    from dbnps.cli.jobs import _fmt_status
+    from dbnps.common.config import Config
+    from dbnps.server.control import ControlPlane
+
+    lines: list[str] = []
+    cp = ControlPlane(
+        Config(), job_id="wild", run_dir=tmp_path, bind="0.0.0.0", metrics_port=0, log=lines.append
+    )
+    cp.start()
+    try:
+        port = int(cp.grpc_address.rsplit(":", 1)[1])
+        mport = int(cp.metrics_address.rsplit(":", 1)[1])
+        [line] = [x for x in lines if "listening" in x]
+        assert f"gRPC listening on 0.0.0.0:{port}" in line, line
+        assert f"metrics on http://0.0.0.0:{mport}/metrics" in line, line
+        assert f"from this host: 127.0.0.1:{port}" in line, line
+        text = _fmt_status(cp.status_message(), {"servers": 1, "workers": 4})
+        assert "starting" in text and "1 server(s), 4 worker(s) requested" in text, text
+        assert "(1/0)" not in text and "0 worker(s)" not in text, text
     finally:
         cp.close(grace_s=0)
