@@ -41,8 +41,9 @@ from dbnps.common.job import check_ranks, initial_params, layout_of, load_data
     help="continue from this checkpoint file, or the newest good one of a run/checkpoints dir",
 )
 @click.option("--restarts", type=click.IntRange(0), default=0, hidden=True)  # set by supervise
+@click.option("--progress", is_flag=True, hidden=True)  # set by `psctl run` on a terminal
 @exit_on_user_error
-def main(config_path, data_dir, out, summary, resume, restarts, **control_opts) -> None:
+def main(config_path, data_dir, out, summary, resume, restarts, progress, **control_opts) -> None:
     from dbnps.server import checkpoint as ckpt
     from dbnps.server.server import ParameterServer
 
@@ -109,6 +110,8 @@ def main(config_path, data_dir, out, summary, resume, restarts, **control_opts) 
         on_tick=on_tick,
         resume=resumed,
     )
+    if progress:
+        ps.progress_every_s = 0.5
     periodic = None
     if topo.rank == 0 and (cfg.run.checkpoint_every_s > 0 or cfg.run.checkpoint_every_updates > 0):
         if control is not None:

@@ -77,6 +77,8 @@ class ParameterServer:
         self._last_log = time.time()
         self._last_refresh = 0.0
         self.checkpointer = None  # rank 0: a checkpoint.Periodic, set by dbnps.server.__main__
+        self.progress_every_s = 0.0  # rank 0, > 0: print `[progress] {json}` lines for psctl
+        self._last_progress = 0.0
         first, version, samples = self._next_nonempty_phase(0), 0, 0
         if resume is not None:
             init_flat, first, version, samples = self._restore(*resume)
@@ -143,6 +145,7 @@ class ParameterServer:
         self.rule.reset()
         self._next_eval = self.cfg.run.eval_every_epochs
         self.log(f"[server] phase {self.layout.phase_name(phase)} starts at version {st.version}")
+        self._print_progress()
 
     def _end_phase(self) -> None:
         st = self.state
@@ -318,6 +321,7 @@ class ParameterServer:
                 self._eval_of = (entry, st.version, snap)
                 self._collect_eval(block=sync)
         st.history.append(entry)
+        self._print_progress()
         rate = float(st.worker_stats[:, rma.RATE].sum())
         acc = (
             f"  {st.eval_split} acc {st.eval_accuracy:.4f}"
@@ -344,6 +348,7 @@ class ParameterServer:
             st.test_accuracy = acc
         entry[f"{st.eval_split}_accuracy"] = acc
         self.selection.offer(acc, version, snap)
+        self._print_progress()
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> ServerState:
@@ -428,9 +433,30 @@ class ParameterServer:
             self._last_log = time.time()
         self._collect_eval()
         self._stop_at_target()
+        if self.progress_every_s and time.time() - self._last_progress > self.progress_every_s:
+            self._last_progress = time.time()
+            self._print_progress()
         if time.time() - self._last_log > self.cfg.run.log_every_s:
             self._last_log = time.time()
             self._record(evaluate=False)
+
+    def _print_progress(self) -> None:
+        """One machine-readable line that `psctl run` turns into a progress bar."""
+        if not self.progress_every_s:
+            return
+        st = self.state
+        acc = st.eval_accuracy
+        payload = {
+            "phase": st.phase_name,
+            "index": st.phase,
+            "phases": self.layout.done_phase,
+            "done": st.samples_in_phase,
+            "total": st.phase_samples,
+            "epoch": round(st.epoch, 3),
+            "accuracy": acc if acc == acc else None,
+            "split": st.eval_split,
+        }
+        self.log("[progress] " + json.dumps(payload), flush=True)
 
     def _maybe_checkpoint(self) -> None:
         """Rank 0, main thread: a periodic checkpoint when `[run] checkpoint_every_*` says so."""

@@ -182,6 +182,10 @@ def test_end_to_end_two_workers_reach_90_percent(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.90, summary["test_accuracy"]
     assert "test accuracy" in proc.stdout
+    # What a newcomer reads: no NUL bytes, no Open MPI banner, no raw progress records.
+    both = proc.stdout + proc.stderr
+    assert "\x00" not in both and "post-failure" not in both and "help message" not in both
+    assert "[progress]" not in both
     assert all(w["applied"] > 0 for w in summary["workers"])
 
 

@@ -16,6 +16,7 @@ from dbnps.common.errors import UserError
 from dbnps.common.job import check_ranks, layout_of
 from dbnps.common.launcher import Placement, mpi_env, mpmd_argv, placement_from_options
 from dbnps.common.mnist import resolve_data_dir
+from dbnps.joboutput import relay
 
 
 def job_argv(
@@ -74,8 +75,16 @@ def job_argv(
     default=None,
     help="where the model and summary go (default: runs/<timestamp>)",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="progress bars on a terminal (plain log lines otherwise)",
+)
 @placement_options
-def run_cmd(config, workers, servers, data_dir, run_dir, hostfile, hosts, server_host) -> None:
+def run_cmd(
+    config, workers, servers, data_dir, run_dir, progress, hostfile, hosts, server_host
+) -> None:
     """Run a distributed training job in the foreground and print its final accuracy."""
     cfg = load(config)  # a bad config fails here, once, not in every rank
     layout_of(cfg)
@@ -86,20 +95,46 @@ def run_cmd(config, workers, servers, data_dir, run_dir, hostfile, hosts, server
     )
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = job_argv(config, workers, servers, data, run_dir, placement=placement)
+    bars = progress and sys.stderr.isatty()
+    extra = ("--progress",) if bars else ()
+    argv = job_argv(
+        config, workers, servers, data, run_dir, extra_server_args=extra, placement=placement
+    )
     where = f" on hosts {','.join(placement.hosts)}" if placement is not None else ""
     click.echo(f"psctl: {servers} server + {workers} workers{where}, run dir {run_dir}", err=True)
     t0 = time.time()
-    rc = subprocess.call(argv, env=mpi_env())
+    # Through pipes, not the terminal: joboutput drops Open MPI's banners and NULs
+    # and draws the progress bars.
+    proc = subprocess.Popen(
+        argv, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        rc = relay(proc, progress=bars)
+    except KeyboardInterrupt:  # mpiexec got the same SIGINT from the terminal
+        proc.wait()
+        raise UserError("interrupted; the job was stopped") from None
     if rc != 0:
         raise UserError(f"training job failed (mpiexec exit status {rc}); see the output above")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    click.echo(
-        f"psctl: done in {time.time() - t0:.1f}s: test accuracy {summary['test_accuracy']:.4f}, "
-        f"{summary['applied']} updates applied, {sum(summary['rejected'].values())} rejected; "
-        f"model {run_dir / 'model.npz'}"
-    )
+    click.echo(f"psctl: done in {time.time() - t0:.1f}s: {outcome(run_dir / 'summary.json')}")
     sys.stdout.flush()
+
+
+def outcome(summary_path: Path) -> str:
+    """One line: what the job saved, how it scored, and what the server applied."""
+    s = json.loads(summary_path.read_text())
+    saved = s.get("saved") or {}
+    acc = s["test_accuracy"]
+    score = f"test accuracy {acc:.4f}" if acc == acc else "not fine-tuned (no test accuracy)"
+    val = saved.get("eval_accuracy", float("nan"))
+    if saved.get("eval_split") == "validation" and val == val:
+        score += f", validation {val:.4f}"
+    which = {"last": "last", "best": "best on validation", "target": "target-reaching"}
+    how = which.get(saved.get("which", "last"), "last")
+    return (
+        f"{score}; saved the {how} parameters (version {saved.get('version', s['version'])}) "
+        f"to {Path(summary_path).parent / 'model.npz'}; "
+        f"{s['applied']} updates applied, {sum(s['rejected'].values())} rejected"
+    )
 
 
 COMMANDS = [run_cmd]
