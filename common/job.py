@@ -6,6 +6,8 @@ of them see the same training subset and the same initial parameters.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from dbnps.common.config import Config
@@ -69,3 +71,51 @@ def initial_params(cfg: Config, layout: Layout, X_train: np.ndarray) -> np.ndarr
     from dbnps.common.dbn import init_params
 
     return init_params(layout, init_rng(cfg.run.seed), X_train).flat
+
+
+def check_shards(cfg: Config, n_train: int, workers: int) -> None:
+    """Every worker's shard must hold at least one minibatch of every phase.
+
+    Pure, so every rank (and psctl, before launching) reaches the same verdict.
+    """
+    if n_train < 1:
+        raise UserError("the training set is empty (check [data] and the data directory)")
+    per_worker = n_train // workers
+    batch = max(cfg.pretrain.batch_size, cfg.finetune.batch_size)
+    if per_worker < batch:
+        raise UserError(
+            f"{n_train} training images over {workers} workers is {per_worker} per worker, "
+            f"fewer than one minibatch ({batch}); use fewer workers or more data"
+        )
+
+
+def settle_setup(comm, error: UserError | None) -> None:
+    """Collective, before any window exists: if set-up failed on any rank, all ranks leave.
+
+    Each rank passes the error its own set-up raised (None when it went well).
+    The first failing rank prints its one `error:` line; every rank exits with
+    status 2, so no rank is left waiting in a collective for one that gave up.
+    """
+    errors = comm.allgather(None if error is None else str(error))
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+    if not failed:
+        return
+    rank, msg = failed[0]
+    if comm.Get_rank() == rank:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def expected_train_images(cfg: Config) -> int:
+    """Training images the workers share, from the config alone (MNIST has 60 000)."""
+    return min(cfg.data.train_subset or 60_000, 60_000) - cfg.data.validation
+
+
+def preflight(cfg: Config, workers: int, servers: int, *, on_one_host: bool = True) -> None:
+    """What psctl checks before launching, so a doomed job is refused in one line."""
+    from dbnps.common.resources import check_memory
+
+    check_ranks(cfg, workers, servers)
+    check_shards(cfg, expected_train_images(cfg), workers)
+    if on_one_host:  # across hosts each host has its own memory; the ranks check their data
+        check_memory(cfg, workers, servers)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
+from mpi4py import MPI
 
 from dbnps.common import rma
 from dbnps.common.config import load
 from dbnps.common.errors import UserError, exit_on_user_error
-from dbnps.common.job import check_ranks, initial_params, layout_of, load_data
+from dbnps.common.job import (
+    check_ranks,
+    check_shards,
+    initial_params,
+    layout_of,
+    load_data,
+    settle_setup,
+)
 
 
 @click.command()
@@ -50,84 +59,48 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
     cfg = load(config_path)
     topo = rma.Topology.discover("server")
     check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang
-    resumed = None
-    if resume is not None:  # every server rank reads the file; rank 0 reports
-        try:
-            warn = (lambda m: print(m, file=sys.stderr, flush=True)) if topo.rank == 0 else None
-            path, resumed = ckpt.find_resumable(resume, warn=warn or (lambda m: None))
-            if resumed[0].shape != (layout_of(cfg).size,):
-                raise UserError(
-                    f"cannot resume from {path}: it holds {resumed[0].size} parameters, "
-                    f"the config's network has {layout_of(cfg).size}"
-                )
-        except UserError as exc:  # the other ranks wait in collectives: take the job down
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            topo.comm.Abort(2)
-        if topo.rank == 0:
-            m = resumed[2]
-            print(
-                f"[server] resuming from {path}: phase {m['phase_name']}, version {m['version']}, "
-                f"{m['samples_in_phase']} samples into the phase",
-                flush=True,
-            )
-    control = None
-    if topo.rank == 0 and (control_opts["run_dir"] or control_opts["grpc_port"] is not None):
-        from dbnps.server.control import make_control_plane
-
-        try:
-            control = make_control_plane(cfg, out=out, **control_opts)
-            control.restarts = restarts
-            control.resumed_from = str(path) if resume is not None else ""
-            control.start()  # before the collective setup: health says NOT_SERVING meanwhile
-        except UserError as exc:  # the other ranks wait in collectives: take the job down
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            topo.comm.Abort(2)
-    layout = layout_of(cfg)
-    data = load_data(cfg, data_dir)
-    init = initial_params(cfg, layout, data.X_train)
-    evaluate = evaluate_test = None
-    split = "validation" if len(data.y_val) else "test"
-    if topo.rank == 0:
-        from dbnps.common.dbn import accuracy
-
-        def evaluate_test(flat):
-            return accuracy(layout.views(flat), data.X_test, data.y_test)
-
-        def evaluate(flat):  # model selection: the held-out training images if any
-            return accuracy(layout.views(flat), data.X_val, data.y_val)
-
-        evaluate = evaluate if split == "validation" else evaluate_test
-    on_tick = control.on_tick if control is not None else None
-    ps = ParameterServer(
-        cfg,
-        topo,
-        layout,
-        init,
-        len(data.y_train),
-        evaluate=evaluate,
-        evaluate_test=evaluate_test,
-        eval_split=split,
-        on_tick=on_tick,
-        resume=resumed,
-    )
-    if progress:
-        ps.progress_every_s = 0.5
-    periodic = None
-    if topo.rank == 0 and (cfg.run.checkpoint_every_s > 0 or cfg.run.checkpoint_every_updates > 0):
-        if control is not None:
-            store = control.store
-        else:
-            folder = (out.parent if out is not None else Path.cwd()) / "checkpoints"
-            store = ckpt.CheckpointStore(folder, keep=control_opts["keep_checkpoints"])
-        periodic = ckpt.Periodic(
-            store,
-            every_s=cfg.run.checkpoint_every_s,
-            every_updates=cfg.run.checkpoint_every_updates,
-            job_id=control.job_id if control is not None else "",
-        )
-        periodic.start(ps.state.version)
-        ps.checkpointer = periodic
+    job = Setup()
     try:
+        error = None
+        try:
+            job.prepare(cfg, topo, data_dir, out, resume, restarts, control_opts)
+        except UserError as exc:
+            error = exc
+        settle_setup(topo.comm, error)  # every rank leaves together if any set-up failed
+        layout, data = job.layout, job.data
+        on_tick = job.control.on_tick if job.control is not None else None
+        ps = ParameterServer(
+            cfg,
+            topo,
+            layout,
+            job.init,
+            len(data.y_train),
+            evaluate=job.evaluate,
+            evaluate_test=job.evaluate_test,
+            eval_split=job.split,
+            on_tick=on_tick,
+            resume=job.resumed,
+        )
+        if progress:
+            ps.progress_every_s = 0.5
+        control = job.control
+        periodic = None
+        if topo.rank == 0 and (
+            cfg.run.checkpoint_every_s > 0 or cfg.run.checkpoint_every_updates > 0
+        ):
+            if control is not None:
+                store = control.store
+            else:
+                folder = (out.parent if out is not None else Path.cwd()) / "checkpoints"
+                store = ckpt.CheckpointStore(folder, keep=control_opts["keep_checkpoints"])
+            periodic = ckpt.Periodic(
+                store,
+                every_s=cfg.run.checkpoint_every_s,
+                every_updates=cfg.run.checkpoint_every_updates,
+                job_id=control.job_id if control is not None else "",
+            )
+            periodic.start(ps.state.version)
+            ps.checkpointer = periodic
         if control is not None:
             control.attach(ps)
         ps.run()
@@ -136,9 +109,64 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
         if control is not None:
             control.after_run(ps)  # final checkpoint when stopped over gRPC
         ps.finish(out, summary)
+    except MPI.Exception as exc:  # a peer died inside a collective (set-up or exit)
+        print(f"error: server rank {topo.rank}: MPI error: {exc}", file=sys.stderr, flush=True)
+        if job.control is not None:
+            job.control.close()
+        os._exit(3)  # not through the collective MPI_Finalize the dead peer would block
     finally:
-        if control is not None:
-            control.close()
+        if job.control is not None:
+            job.control.close()
+
+
+class Setup:
+    """What a server rank loads before any window exists; errors are UserErrors."""
+
+    control = resumed = data = layout = init = evaluate = evaluate_test = None
+    split = "test"
+
+    def prepare(self, cfg, topo, data_dir, out, resume, restarts, control_opts) -> None:
+        from dbnps.server import checkpoint as ckpt
+
+        path = None
+        if resume is not None:  # every server rank reads the file; rank 0 reports
+            warn = (lambda m: print(m, file=sys.stderr, flush=True)) if topo.rank == 0 else None
+            path, self.resumed = ckpt.find_resumable(resume, warn=warn or (lambda m: None))
+            if self.resumed[0].shape != (layout_of(cfg).size,):
+                raise UserError(
+                    f"cannot resume from {path}: it holds {self.resumed[0].size} parameters, "
+                    f"the config's network has {layout_of(cfg).size}"
+                )
+            if topo.rank == 0:
+                m = self.resumed[2]
+                print(
+                    f"[server] resuming from {path}: phase {m['phase_name']}, "
+                    f"version {m['version']}, {m['samples_in_phase']} samples into the phase",
+                    flush=True,
+                )
+        if topo.rank == 0 and (control_opts["run_dir"] or control_opts["grpc_port"] is not None):
+            from dbnps.server.control import make_control_plane
+
+            self.control = make_control_plane(cfg, out=out, **control_opts)
+            self.control.restarts = restarts
+            self.control.resumed_from = str(path) if path is not None else ""
+            self.control.start()  # before the collective setup: health says NOT_SERVING
+        self.layout = layout = layout_of(cfg)
+        self.data = data = load_data(cfg, data_dir)
+        check_shards(cfg, len(data.y_train), topo.n_workers)
+        self.init = initial_params(cfg, layout, data.X_train)
+        self.split = "validation" if len(data.y_val) else "test"
+        if topo.rank == 0:
+            from dbnps.common.dbn import accuracy
+
+            def evaluate_test(flat):
+                return accuracy(layout.views(flat), data.X_test, data.y_test)
+
+            def evaluate_val(flat):  # model selection: the held-out training images
+                return accuracy(layout.views(flat), data.X_val, data.y_val)
+
+            self.evaluate_test = evaluate_test
+            self.evaluate = evaluate_val if self.split == "validation" else evaluate_test
 
 
 if __name__ == "__main__":

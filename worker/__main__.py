@@ -11,8 +11,8 @@ from mpi4py import MPI
 
 from dbnps.common import rma
 from dbnps.common.config import load
-from dbnps.common.errors import exit_on_user_error
-from dbnps.common.job import check_ranks, layout_of, load_data
+from dbnps.common.errors import UserError, exit_on_user_error
+from dbnps.common.job import check_ranks, check_shards, layout_of, load_data, settle_setup
 
 
 @click.command()
@@ -36,11 +36,16 @@ def main(config_path, data_dir, **inject) -> None:
     topo = rma.Topology.discover("worker")
     check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang
     layout = layout_of(cfg)
-    if inject["inject_synthetic_grad"] is None:
-        data = load_data(cfg, data_dir)
-        X, y = data.X_train, data.y_train  # the worker cuts its own shard (and re-cuts it)
-    else:  # a synthetic pusher needs no images (benchmarks run 64 of them on 2 cores)
-        X, y = np.zeros((0, 784), np.float32), np.zeros(0, np.uint8)
+    error = None
+    X, y = np.zeros((0, 784), np.float32), np.zeros(0, np.uint8)
+    if inject["inject_synthetic_grad"] is None:  # a synthetic pusher needs no images
+        try:
+            data = load_data(cfg, data_dir)
+            X, y = data.X_train, data.y_train  # the worker cuts its own shard (and re-cuts it)
+            check_shards(cfg, len(y), topo.n_workers)
+        except UserError as exc:
+            error = exc
+    settle_setup(topo.comm, error)  # every rank leaves together if any set-up failed
     faults = Faults(
         synthetic_grad=inject["inject_synthetic_grad"],
         nan_worker=inject["inject_nan_worker"],

@@ -13,7 +13,7 @@ import click
 from dbnps.cli.placement import placement_options
 from dbnps.common.config import load
 from dbnps.common.errors import UserError
-from dbnps.common.job import check_ranks, layout_of
+from dbnps.common.job import layout_of, preflight
 from dbnps.common.launcher import Placement, mpi_env, mpmd_argv, placement_from_options
 from dbnps.common.mnist import resolve_data_dir
 from dbnps.joboutput import relay
@@ -89,7 +89,7 @@ def run_cmd(
     cfg = load(config)  # a bad config fails here, once, not in every rank
     layout_of(cfg)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
-    check_ranks(cfg, workers, servers)
+    preflight(cfg, workers, servers, on_one_host=not (hosts or hostfile))
     placement = placement_from_options(
         servers, workers, hosts=hosts, hostfile=hostfile, server_host=server_host
     )
