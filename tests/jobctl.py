@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from conftest import write_config
 
 PSCTL = str(Path(sys.executable).parent / "psctl")
@@ -32,16 +33,12 @@ def psctl(*args: str, env: dict, timeout: float = 90) -> subprocess.CompletedPro
 def session_alive(sid: int) -> list[int]:
     """Non-zombie processes in session `sid` (mpiexec, every rank, the supervisor)."""
     out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for proc in psutil.process_iter(["status"]):
         try:
-            raw = (entry / "stat").read_text()
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                out.append(proc.pid)
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            out.append(int(entry.name))
     return out
 
 

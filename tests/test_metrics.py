@@ -235,3 +235,35 @@ def test_force_stop_leaves_nothing(job):
     assert res.returncode != 0 and "killed by `psctl stop --force`" in res.stderr, res.stderr
     res = job.psctl("stop", "--force", "--run", job.job_id)
     assert res.returncode != 0 and res.stderr.startswith("error: ")
+
+
+def test_supervisor_keeps_the_target_current(tmp_path):
+    """A restart may move /metrics to a new port: the target file follows, and goes at the end."""
+    from dbnps.cli.supervise import _TargetPublisher
+
+    endpoints, target = tmp_path / "endpoints.json", tmp_path / "sd" / "job.json"
+    pub = _TargetPublisher(endpoints, target, period_s=0.02)
+    pub.start()
+
+    def published(deadline_s: float = 5.0):
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            try:
+                return json.loads(target.read_text())[0]["targets"]
+            except (OSError, ValueError):
+                time.sleep(0.02)
+        return None
+
+    try:
+        assert published(0.2) is None  # nothing before rank 0 says where it listens
+        endpoints.write_text(json.dumps({"metrics": "127.0.0.1:1111"}))
+        assert published() == ["127.0.0.1:1111"]
+        endpoints.unlink()  # the supervisor drops it before a restart
+        endpoints.write_text(json.dumps({"metrics": "127.0.0.1:2222"}))
+        deadline = time.monotonic() + 5
+        while published() != ["127.0.0.1:2222"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert published() == ["127.0.0.1:2222"]
+    finally:
+        pub.close()
+    assert not target.exists()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import psutil
 
 from dbnps.cli.placement import placement_options
 from dbnps.common.errors import UserError
@@ -70,43 +71,40 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-# -- processes (Linux /proc; a session id covers mpiexec and every rank) --------
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time in clock ticks) of a live pid, or None."""
+# -- processes (psutil; one session id covers the supervisor, mpiexec and every rank) --
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+def _created(pid: int) -> float | None:
+    """When `pid` was created (Unix time), or None if it is gone: with the pid it
+    names one process, so a recycled pid is not taken for the job."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[3]), int(fields[19])
 
 
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    st = _proc_stat(pid)
-    if st is None:
-        if not Path("/proc").is_dir():  # not Linux: best effort
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
+def pid_alive(pid: int, created: float | None = None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in _GONE:
+            return False
+        # psutil derives it from the boot time, which the kernel may report 1 s apart
+        # from one read to the next; a pid is not recycled that fast.
+        return created is None or abs(proc.create_time() - created) < 1.5
+    except psutil.Error:
         return False
-    state, _, start = st
-    if state in ("Z", "X"):
-        return False
-    return start_ticks is None or start == start_ticks
 
 
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes of session `sid`."""
     out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _proc_stat(int(entry.name))
-            if st is not None and st[1] == sid and st[0] not in ("Z", "X"):
-                out.append(int(entry.name))
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] not in _GONE and os.getsid(proc.pid) == sid:
+                out.append(proc.pid)
+        except OSError:  # gone meanwhile
+            continue
     return out
 
 
@@ -130,7 +128,7 @@ class Run:
 
     def running(self) -> bool:
         pid = self.info.get("pid")
-        return bool(pid) and pid_alive(pid, self.info.get("pid_start"))
+        return bool(pid) and pid_alive(pid, self.info.get("pid_created"))
 
     def exit_info(self) -> dict | None:
         try:
@@ -538,13 +536,13 @@ def start_cmd(
             env=mpi_env(),
             start_new_session=True,
         )
-    st = _proc_stat(proc.pid)
+    created = _created(proc.pid)
     info = {
         "job_id": job_id,
         "pid": proc.pid,
         "pgid": proc.pid,
         "sid": proc.pid,
-        "pid_start": st[2] if st else None,
+        "pid_created": created,
         "run_dir": str(run_dir),
         "config": str(config_abs) if config_abs else None,
         "workers": workers,
