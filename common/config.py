@@ -225,7 +225,16 @@ def validate(cfg: Config) -> None:
         f"[ps] heartbeat_timeout_s must be > 0, got {p.heartbeat_timeout_s}",
     )
     _check(p.exit_timeout_s > 0, f"[ps] exit_timeout_s must be > 0, got {p.exit_timeout_s}")
-    _check(cfg.run.eval_every_epochs > 0, "[run] eval_every_epochs must be > 0")
+    # An evaluation is a forward pass over the split on rank 0: more than 100 per
+    # epoch would make the server an evaluator that also trains.
+    _check(
+        cfg.run.eval_every_epochs >= 0.01,
+        f"[run] eval_every_epochs must be >= 0.01, got {cfg.run.eval_every_epochs}",
+    )
+    _check(
+        cfg.run.log_every_s >= 0.01, f"[run] log_every_s must be >= 0.01, got {cfg.run.log_every_s}"
+    )
+    _check(0 <= cfg.run.seed < 2**63, f"[run] seed must be in [0, 2**63), got {cfg.run.seed}")
     _check(cfg.run.max_steps >= 0, "[run] max_steps must be >= 0")
     _check(
         0 <= cfg.run.target_accuracy <= 1,
@@ -274,11 +283,15 @@ def load(path: str | Path | None) -> Config:
         return from_dict({})
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a directory") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
     return from_dict(raw)

@@ -31,6 +31,8 @@ from dbnps.common.selection import Selection
 from dbnps.common.updaters import make_rule
 from dbnps.server.state import ServerState
 
+MAX_HISTORY = 5000  # entries kept in the status/summary history (the oldest go first)
+
 
 class ParameterServer:
     def __init__(
@@ -321,6 +323,8 @@ class ParameterServer:
                 self._eval_of = (entry, st.version, snap)
                 self._collect_eval(block=sync)
         st.history.append(entry)
+        if len(st.history) > MAX_HISTORY:  # status and summaries stay small on long jobs
+            del st.history[: len(st.history) - MAX_HISTORY]
         self._print_progress()
         rate = float(st.worker_stats[:, rma.RATE].sum())
         acc = (
