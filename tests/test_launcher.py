@@ -274,3 +274,56 @@ def test_placement_from_options(tmp_path: Path) -> None:
     assert p.servers == ("b", "c") and p.workers == ("a",)
     with pytest.raises(UserError, match="--server-host needs --hosts or --hostfile"):
         launcher.placement_from_options(1, 2, server_host="n1")
+
+
+# -- deploy/slurm/dbnps.sbatch: the hostfile it derives from the allocation -------------
+SBATCH = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "dbnps.sbatch"
+
+
+def _slurm_hostfile(tmp_path: Path, nodes: list[str], tasks_per_node: str) -> str:
+    """Run the batch script's hostfile step with a stand-in `scontrol` (prints `nodes`)."""
+    import subprocess
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "scontrol"
+    fake.write_text("#!/bin/sh\n" + "".join(f"echo {n}\n" for n in nodes))
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "ignored-by-the-fake",
+        "SLURM_TASKS_PER_NODE": tasks_per_node,
+        "SLURM_NTASKS": "0",
+        "SLURM_JOB_NUM_NODES": str(len(nodes)),
+        "TMPDIR": str(tmp_path),
+        "DBNPS_SLURM_HOSTFILE_ONLY": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_sbatch_hostfile_from_the_allocation_puts_the_server_on_the_first_node(
+    tmp_path: Path,
+) -> None:
+    out = _slurm_hostfile(tmp_path, ["n1", "n2", "n3", "n4"], "2(x3),1")
+    assert out.splitlines() == ["n1 slots=2", "n2 slots=2", "n3 slots=2", "n4 slots=1"]
+    hostfile = tmp_path / "dbnps-77.hosts"
+    assert hostfile.read_text() == out
+    p = launcher.placement_from_options(1, 6, hostfile=hostfile, server_host="n1")
+    assert p.servers == ("n1",) and p.workers == ("n1", "n2", "n2", "n3", "n3", "n4")
+
+
+def test_sbatch_one_node(tmp_path: Path) -> None:
+    assert _slurm_hostfile(tmp_path, ["solo"], "3").splitlines() == ["solo slots=3"]
+
+
+def test_sbatch_asks_for_overcommit_and_runs_through_psctl() -> None:
+    """`--ntasks=3` on a 2-CPU node needs --overcommit; psctl's launcher sets the run-as-root
+    switches (a bare mpiexec as root fails with "prterun has detected an attempt to run as root")."""
+    text = SBATCH.read_text()
+    assert "#SBATCH --overcommit" in text
+    assert '"$VENV/bin/psctl" start' in text and "mpiexec" not in text.split("set -euo")[1]
