@@ -31,6 +31,9 @@ class DataConfig:
     # set, after train_subset): evaluations during training use them, never the
     # test set, and no worker trains on them.  0: none; evaluations use the test set.
     validation: int = 0
+    # Check every file against the directory's SHA256SUMS, or MNIST's known digests.
+    # false: load unverified data (an explicit opt-out, e.g. a data set of one's own).
+    verify: bool = True
 
 
 @dataclass

@@ -9,7 +9,6 @@ message is one line naming the file and what is wrong.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import http.client
 import importlib.resources
@@ -77,6 +76,18 @@ UPSTREAM_SHA256: dict[str, str] = {
 # Package data (`dbnps.data`, the repository's data/ folder): found the same way
 # from a source tree, an editable install and a wheel.
 VENDORED_DIR = Path(str(importlib.resources.files("dbnps.data") / "mnist"))
+
+# SHA-256 of the decompressed IDX files (the same for every mirror's gzip): raw
+# files in a data directory are checked against these.
+RAW_SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# No MNIST-shaped file declares more images than this; a larger header is refused
+# before anything is decompressed (a gzip bomb costs no memory).
+MAX_IMAGES = 1_000_000
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -164,26 +175,80 @@ def read_sums(directory: Path) -> dict[str, str]:
     return sums
 
 
+def expected_digests(path: Path, sums: dict[str, str]) -> tuple[str, set[str]]:
+    """(where the expectation comes from, the accepted SHA-256 digests) for a data file.
+
+    The directory's SHA256SUMS speaks first (a data set of one's own); else a
+    file named like an MNIST file must be MNIST: its known digests apply
+    whatever directory it is in.  Anything else has no expectation (empty set).
+    """
+    if path.name in sums:
+        return "SHA256SUMS", {sums[path.name]}
+    known = {KNOWN_SHA256.get(path.name), UPSTREAM_SHA256.get(path.name), RAW_SHA256.get(path.name)}
+    return "the known MNIST checksum", known - {None}
+
+
+def _verify(path: Path, blob: bytes, sums: dict[str, str]) -> None:
+    source, digests = expected_digests(path, sums)
+    if not digests:
+        raise DataError(
+            f"{path}: no checksum to verify it against; list it in {path.parent / SUMS_FILE} "
+            f"or set [data] verify = false to load it unverified"
+        )
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual not in digests:
+        hint = (
+            "; data of your own: list it in SHA256SUMS or set [data] verify = false"
+            if source != "SHA256SUMS"
+            else ""
+        )
+        raise DataError(
+            f"{path}: checksum mismatch: {source} says {' or '.join(sorted(digests))}, "
+            f"file has {actual}{hint}"
+        )
+
+
+def _declared_size(path: Path, head: bytes) -> int | None:
+    """Bytes an IDX file whose first bytes are `head` declares; None if `head` cannot tell."""
+    if len(head) < 4 or head[3] not in (1, 3) or len(head) < 4 + 4 * head[3]:
+        return None  # the header parser reports what is wrong
+    ndim = head[3]
+    dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    if dims[0] > MAX_IMAGES:
+        raise DataError(
+            f"{path}: header declares {dims[0]} items, more than {MAX_IMAGES}; "
+            f"refused before decompressing"
+        )
+    return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+
+
+def _gunzip_bounded(path: Path, blob: bytes) -> bytes:
+    """Decompress no more than the IDX header inside declares, plus one byte to see
+    trailing data: a gzip bomb stops at its header, not after filling memory."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        head = d.decompress(blob, 16)
+        size = _declared_size(path, head)
+        limit = (size if size is not None else 16 + ROWS * COLS * MAX_IMAGES) + 1
+        data = head + d.decompress(d.unconsumed_tail, max(limit - len(head), 1))
+    except zlib.error as exc:
+        raise DataError(f"{path}: not a valid gzip file: {_one_line(exc)}") from None
+    if not d.eof and len(data) < limit:
+        raise DataError(f"{path}: truncated gzip stream")
+    return data
+
+
 def _read_idx_bytes(path: Path, sums: dict[str, str] | None) -> bytes:
-    """The decompressed IDX bytes of `path`, checked against `sums` if it lists the file."""
+    """The decompressed IDX bytes of `path`, verified unless `sums` is None (verify = false)."""
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
-    if sums is not None and path.name in sums:
-        actual = hashlib.sha256(blob).hexdigest()
-        if actual != sums[path.name]:
-            raise DataError(
-                f"{path}: checksum mismatch: SHA256SUMS says {sums[path.name]}, file has {actual}"
-            )
+    if sums is not None:
+        _verify(path, blob, sums)
     if path.suffix != ".gz":
         return blob
-    try:
-        return gzip.decompress(blob)
-    except EOFError:
-        raise DataError(f"{path}: truncated gzip stream") from None
-    except (OSError, zlib.error) as exc:
-        raise DataError(f"{path}: not a valid gzip file: {_one_line(exc)}") from None
+    return _gunzip_bounded(path, blob)
 
 
 def _parse_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, ...]:
@@ -255,7 +320,9 @@ def load_mnist(
 ) -> MNIST:
     """Load the four MNIST files as float32 pixels in [0, 1] and uint8 labels.
 
-    `verify`: check each file against `SHA256SUMS` in the directory, when listed.
+    `verify`: check each file against `SHA256SUMS` in the directory when it lists
+    the file, else against the known MNIST checksums; a file neither covers is
+    an error.  False loads unverified data (an explicit opt-out).
     `download`: fetch the files into the chosen directory first if any is missing.
     """
     directory = choose_data_dir(data_dir)

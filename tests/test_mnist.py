@@ -34,17 +34,31 @@ def idx_labels(n: int, magic: int = 2049, seed: int = 0) -> bytes:
     return struct.pack(">2I", magic, n) + labels.astype(np.uint8).tobytes()
 
 
-def write(path: Path, raw: bytes, *, gz: bool = True) -> Path:
+def list_sum(path: Path) -> None:
+    """Record `path`'s SHA-256 in its directory's SHA256SUMS (replacing an older line)."""
+    sums = path.parent / mnist.SUMS_FILE
+    lines = sums.read_text().splitlines() if sums.exists() else []
+    lines = [line for line in lines if not line.endswith(f"  {path.name}")]
+    lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}")
+    sums.write_text("\n".join(lines) + "\n")
+
+
+def write(path: Path, raw: bytes, *, gz: bool = True, listed: bool = True) -> Path:
+    """Write an IDX file; `listed`: its checksum goes into SHA256SUMS, so the
+    loader's structural checks (not the checksum) are what a broken file meets."""
     if gz:
         path.write_bytes(gzip.compress(raw, mtime=0))
     else:
         path = path.with_name(path.name.removesuffix(".gz"))
         path.write_bytes(raw)
+    if listed:
+        list_sum(path)
     return path
 
 
 def synthetic_dir(root: Path, n_train: int = 30, n_test: int = 20, *, gz: bool = True) -> Path:
-    """A directory holding four small but valid IDX files (no SHA256SUMS)."""
+    """A directory holding four small but valid IDX files, listed in its SHA256SUMS
+    (data of one's own: files named like MNIST's must be listed or be MNIST)."""
     root.mkdir(parents=True, exist_ok=True)
     write(root / mnist.TRAIN_IMAGES, idx_images(n_train, seed=1), gz=gz)
     write(root / mnist.TRAIN_LABELS, idx_labels(n_train, seed=1), gz=gz)
@@ -269,6 +283,7 @@ def test_truncated_gzip_stream(tmp_path: Path) -> None:
     d = synthetic_dir(tmp_path / "d")
     target = d / mnist.TRAIN_IMAGES
     target.write_bytes(target.read_bytes()[:200])
+    list_sum(target)
     with pytest.raises(DataError, match="truncated gzip"):
         mnist.load_mnist(d)
     assert_cli_one_line_error(d, target)
@@ -322,10 +337,7 @@ def _real_labels_with_sums(root: Path) -> Path:
     d = synthetic_dir(root)
     for name in (mnist.TRAIN_LABELS, mnist.TEST_LABELS):
         shutil.copyfile(VENDORED / name, d / name)
-    sums = "".join(
-        f"{mnist.KNOWN_SHA256[n]}  {n}\n" for n in (mnist.TRAIN_LABELS, mnist.TEST_LABELS)
-    )
-    (d / mnist.SUMS_FILE).write_text(sums)
+        list_sum(d / name)
     return d
 
 
@@ -372,3 +384,80 @@ def test_malformed_sums_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="line 1"):
         mnist.load_mnist(d)
     assert_cli_one_line_error(d, d / mnist.SUMS_FILE)
+
+
+# --------------------------------------------------------------------------- always verified
+
+
+def test_tampered_mnist_without_sums_is_refused_by_the_known_digest(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    shutil.copytree(VENDORED, d)
+    (d / mnist.SUMS_FILE).unlink()
+    raw = bytearray(gzip.decompress((d / mnist.TEST_IMAGES).read_bytes()))
+    raw[16 + 400] ^= 0xFF  # one pixel of the first test image
+    (d / mnist.TEST_IMAGES).write_bytes(gzip.compress(bytes(raw), mtime=0))
+    with pytest.raises(DataError, match="the known MNIST checksum") as exc:
+        mnist.load_mnist(d)
+    assert "verify = false" in str(exc.value)
+    line = assert_cli_one_line_error(d, d / mnist.TEST_IMAGES)
+    assert "checksum mismatch" in line
+    assert mnist.load_mnist(d, verify=False).X_test.shape == (10000, 784)  # the opt-out
+
+
+def test_real_mnist_without_sums_verifies_by_the_known_digests(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    shutil.copytree(VENDORED, d)
+    (d / mnist.SUMS_FILE).unlink()
+    proc = run_verify(d)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("sha256 ok (the known MNIST checksum)") == 4
+
+
+def test_raw_idx_mnist_verifies_by_its_decompressed_digest(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in mnist.FILES:
+        (d / name.removesuffix(".gz")).write_bytes(gzip.decompress((VENDORED / name).read_bytes()))
+    assert mnist.load_mnist(d).y_train.shape == (60000,)
+
+
+def test_a_gzip_bomb_header_is_refused_before_decompressing(tmp_path: Path) -> None:
+    d = synthetic_dir(tmp_path / "d")
+    target = write(d / mnist.TRAIN_IMAGES, struct.pack(">4I", 2051, 10**8, 28, 28) + bytes(1000))
+    with pytest.raises(DataError, match="declares 100000000 items"):
+        mnist.load_mnist(d)
+    assert_cli_one_line_error(d, target)
+
+
+def test_a_gzip_bomb_body_stops_at_the_declared_size(tmp_path: Path) -> None:
+    """10 images declared, 1 GiB of zeros inside: decompression stops after the 10."""
+    d = synthetic_dir(tmp_path / "d")
+    header = struct.pack(">4I", 2051, 10, 28, 28)
+    c = zlib_gzip_of_zeros(header, 1 << 30)
+    (d / mnist.TRAIN_IMAGES).write_bytes(c)
+    list_sum(d / mnist.TRAIN_IMAGES)
+    code = (
+        "import sys\n"
+        "from dbnps.common import mnist\n"
+        "try:\n    mnist.load_mnist(sys.argv[1])\nexcept mnist.DataError as e:\n    print(e)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forked parent.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print(int(hwm.split()[1]) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
+    assert "trailing data" in out[0], out
+    assert int(out[-1]) < 400, f"peak RSS {out[-1]} MB"  # not the 1 GiB the bomb holds
+
+
+def zlib_gzip_of_zeros(prefix: bytes, n: int) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [c.compress(prefix)]
+    chunk = bytes(1 << 20)
+    for _ in range(n >> 20):
+        parts.append(c.compress(chunk))
+    parts.append(c.flush())
+    return b"".join(parts)

@@ -35,7 +35,8 @@ def verify(data_dir: Path | None) -> None:
     for name, what in rows:
         path = mnist.find_file(directory, name)
         assert path is not None  # resolve_data_dir checked it
-        checked = "sha256 ok" if path.name in sums else "no checksum listed"
+        source, _ = mnist.expected_digests(path, sums)
+        checked = f"sha256 ok ({source})"
         click.echo(f"OK {path}: {what}, {checked}")
 
 

@@ -92,7 +92,7 @@ def train_cmd(
     from dbnps.common.trainer import train_local
 
     t0, c0 = time.perf_counter(), time.process_time()
-    data = load_mnist(data_dir or cfg.data.dir or None)
+    data = load_mnist(data_dir or cfg.data.dir or None, verify=cfg.data.verify)
     params, history = train_local(cfg, data, progress=not no_progress)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     acc = None
