@@ -149,6 +149,8 @@ class Setup:
 
             self.control = make_control_plane(cfg, out=out, **control_opts)
             self.control.restarts = restarts
+            # status while starting reports the job's shape, not zeros
+            self.control.n_servers, self.control.n_workers = topo.n_servers, topo.n_workers
             self.control.resumed_from = str(path) if path is not None else ""
             self.control.start()  # before the collective setup: health says NOT_SERVING
         self.layout = layout = layout_of(cfg)

@@ -169,6 +169,7 @@ class ParameterServer:
         self.ps.header[rma.PHASE] = self.layout.done_phase
         self.ps.header[rma.STOP] = 1
         self.ps.unlock_params()
+        st.stopped_in = st.phase_name
         st.phase = self.layout.done_phase
         st.stopped = True
         self.log(f"[server] stop requested at version {st.version}")
@@ -495,7 +496,16 @@ class ParameterServer:
             st.worker_stats = self.ps.read_stats()
             self._collect_eval(block=True)
             self.ps.gather_params(self._flat)
-            trained = self.evaluate is not None and st.phase >= self.layout.finetune_phase
+            # Fine-tuned: the schedule ran through it, or a stop came during it (a stop
+            # moves the phase to done; the classifier of a job stopped while
+            # pretraining is untrained and gets no accuracy).
+            finetune_name = self.layout.phase_name(self.layout.finetune_phase)
+            stopped_before = st.stopped and st.stopped_in != finetune_name
+            trained = (
+                self.evaluate is not None
+                and st.phase >= self.layout.finetune_phase
+                and not stopped_before
+            )
             last_acc = float(self.evaluate(self._flat)) if trained else float("nan")
             choice = self.selection.choose(self._flat, st.version, last_acc)
             st.eval_accuracy = choice.accuracy
@@ -518,6 +528,8 @@ class ParameterServer:
                 tmp = Path(str(summary) + ".tmp")
                 tmp.write_text(json.dumps(result, indent=1, default=float))
                 tmp.replace(summary)
+            if stopped_before:
+                self.log(f"stopped in {st.stopped_in}: not fine-tuned, no test accuracy")
             if trained:
                 how = {"last": "last", "best": "best on validation", "target": "at target"}
                 val = (

@@ -47,6 +47,7 @@ class ServerState:
     loss: float = float("nan")
     done: bool = False  # every worker has left
     stopped: bool = False  # ended by a stop request, not by the schedule
+    stopped_in: str = ""  # the phase a stop request came in
     history: list[dict] = field(default_factory=list)
     # per worker (index = worker number, world rank = n_servers + index)
     worker_applied: np.ndarray = field(init=False)
@@ -116,6 +117,7 @@ class ServerState:
             "eval_split": self.eval_split,
             "eval_accuracy": self.eval_accuracy,
             "saved": self.saved,
+            "stopped_in": self.stopped_in,
             "dead_workers": [int(w) for w in np.flatnonzero(~self.worker_alive)],
             "loss": self.loss,
             "wall_s": round(time.time() - self.start_time, 3),

@@ -74,3 +74,33 @@ def test_keep_best_without_validation_is_refused(tmp_path):
     cfg = write_config(tmp_path / "x.toml", {"run": {"keep_best": True}})
     with pytest.raises(ConfigError, match="validation"):
         load(cfg)
+
+
+def test_a_job_stopped_in_pretraining_reports_no_accuracy(tmp_path):
+    import json
+    import math
+
+    from jobctl import job_env, psctl
+
+    cfg = write_config(
+        tmp_path / "p.toml",
+        {
+            "model": {"sizes": [784, 32]},
+            "data": {"train_subset": 2000, "test_subset": 500},
+            "pretrain": {"epochs": 1.0e6},
+        },
+    )
+    env = job_env(tmp_path / "state")
+    res = psctl("start", "--config", str(cfg), "--job-id", "pre", "--timeout", "80", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        stop = psctl("stop", "--run", "pre", env=env)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    finally:
+        psctl("stop", "--force", "--run", "pre", env=env)
+    run_dir = tmp_path / "state" / "runs" / "pre"
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["stopped_in"] == "pretrain-1" and math.isnan(s["test_accuracy"])
+    log = (run_dir / "job.log").read_text()
+    assert "stopped in pretrain-1: not fine-tuned, no test accuracy" in log
+    assert "final test accuracy" not in log
