@@ -104,3 +104,8 @@ def test_a_job_stopped_in_pretraining_reports_no_accuracy(tmp_path):
     log = (run_dir / "job.log").read_text()
     assert "stopped in pretrain-1: not fine-tuned, no test accuracy" in log
     assert "final test accuracy" not in log
+    # psctl logs shows the log as psctl run would: no Open MPI banner, no NUL bytes.
+    shown = psctl("logs", "--run", "pre", env=env).stdout
+    assert "stopped in pretrain-1" in shown and "[server] phase pretrain-1 starts" in shown
+    assert "post-failure" in log and "post-failure" not in shown and "\x00" not in shown
+    assert "post-failure" in psctl("logs", "--raw", "--run", "pre", env=env).stdout

@@ -924,25 +924,42 @@ def _print_checkpoints(infos: list[dict], as_json: bool, who: str) -> None:
 @click.command("logs")
 @click.option("--run", "run_id", default=None, help="job id (default: the latest run)")
 @click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
-def logs_cmd(run_id, follow) -> None:
-    """Print a job's log (stdout and stderr of every rank)."""
+@click.option("--raw", is_flag=True, help="the log file as written, Open MPI banners included")
+def logs_cmd(run_id, follow, raw) -> None:
+    """Print a job's log (stdout and stderr of every rank), cleaned as `psctl run` shows it."""
+    from dbnps.joboutput import LineFilter
+
     run = find_run(run_id)
     try:
         f = open(run.log, "rb")  # noqa: SIM115 (read while the job appends)
     except OSError as exc:
         raise UserError(f"no log for job {run.id}: {exc.strerror}") from None
     out = click.get_binary_stream("stdout")
+    filt, partial = LineFilter(), b""
+
+    def emit(data: bytes, final: bool = False) -> None:
+        nonlocal partial
+        if raw:
+            out.write(data)
+        else:  # whole lines through the filter; a partial last line waits for its end
+            lines = (partial + data).split(b"\n")
+            partial = lines.pop()  # b"" after a newline
+            if final and partial:
+                lines.append(partial)
+            shown = [s for line in lines for s in filt.feed(line.decode(errors="replace"))]
+            if final:
+                shown += filt.close()
+            out.write(b"".join(s.encode() + b"\n" for s in shown))
+        out.flush()
+
     with f:
         while True:
             chunk = f.read(65536)
             if chunk:
-                out.write(chunk)
-                out.flush()
+                emit(chunk)
                 continue
             if not follow or not run.running():
-                rest = f.read()
-                if rest:
-                    out.write(rest)
+                emit(f.read(), final=True)
                 return
             try:
                 time.sleep(0.2)
