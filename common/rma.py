@@ -653,3 +653,167 @@ def _check(arr: np.ndarray, dtype, size: int) -> None:
         raise TypeError(
             f"RMA buffer must be contiguous {np.dtype(dtype)}[{size}], got {arr.dtype}{arr.shape}"
         )
+
+
+# -- server ranks only: every shard's update-rule state, for complete checkpoints --
+class ShardStates:
+    """A window on the server ranks holding each shard's update-rule state arrays.
+
+    Rank 0 writes the checkpoints; with S > 1 the followers' rule state (the
+    momentum velocity, Adagrad's sums) lives only in the followers, so each
+    server rank keeps its rule's arrays *in* this window (the rule's
+    attributes are bound to views of it, no copy on the hot path) and rank 0
+    reads them with Gets.  Created on a communicator of the server ranks only
+    (`Create_group` is collective over the group, so the workers do nothing).
+
+    Layout on server s (disp_unit 1)::
+
+        SEQ FREEZE VERSION pad | arrays float32[n_arrays][n_s]
+
+    Like the parameter window, no lock is ever held that another rank could
+    wait for (one `Lock_all(MODE_NOCHECK)` epoch for the job):
+
+    * a follower brackets every change of its shard (apply, reset) with
+      `begin_write` / `end_write(version)`: SEQ odd, the numpy writes, VERSION,
+      SEQ even; `begin_write` first waits (bounded) while FREEZE is set;
+    * rank 0 `gather`s: FREEZE = 1 on every follower (no new write starts), wait
+      until SEQ is even (the write under way is done), read the parameters
+      (`read_params`, the protocol's own seqlock reads) and the arrays, read SEQ
+      again: unchanged means parameters, state and version of each shard are
+      one consistent snapshot; FREEZE = 0.  A follower that dies is not waited
+      for beyond `timeout_s` (the checkpoint fails with one line, training goes on).
+    """
+
+    SEQ_W, FREEZE_W, VERSION_W = 0, 1, 2
+    HDR_BYTES = 32
+
+    def __init__(self, topo: Topology, bounds: list[tuple[int, int]], names: list[str]):
+        S = topo.n_servers
+        world = topo.comm.Get_group()
+        servers = world.Incl(list(range(S)))
+        self.comm = topo.comm.Create_group(servers)  # collective over the servers only
+        servers.Free()
+        world.Free()
+        self.me, self.S = topo.rank, S
+        self.bounds, self.names = bounds, list(names)
+        n_s = bounds[self.me][1] - bounds[self.me][0]
+        self.win = MPI.Win.Allocate(self.HDR_BYTES + 4 * len(names) * n_s, 1, comm=self.comm)
+        self.win.Set_errhandler(MPI.ERRORS_RETURN)
+        mem = np.frombuffer(self.win.tomemory(), dtype=np.uint8)
+        self.win.Lock(self.me, MPI.LOCK_EXCLUSIVE)  # Allocate memory is not zero by contract
+        mem.fill(0)
+        self.win.Unlock(self.me)
+        self.comm.Barrier()
+        arrays = mem[self.HDR_BYTES :].view(np.float32).reshape(len(names), n_s)
+        self.arrays = {name: arrays[i] for i, name in enumerate(names)}
+        self._one = np.zeros(1, dtype=np.int64)  # origin of the atomics, alive until Flush
+        self._res = np.zeros(1, dtype=np.int64)  # their result
+        self._held: list[np.ndarray] = []  # Get targets, alive until their Flush
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self._open = True
+
+    def bind(self, rule) -> None:
+        """Move `rule`'s state arrays into this window (same values; the rule then
+        updates the window memory in place)."""
+        for name, arr in rule.state().items():
+            view = self.arrays[name]
+            view[...] = arr
+            setattr(rule, name, view)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    # element-wise atomic words (Fetch_and_op / Accumulate REPLACE), completed by Flush
+    def _read(self, target: int, word: int) -> int:
+        self.win.Fetch_and_op(
+            [self._one, MPI.INT64_T], [self._res, MPI.INT64_T], target, 8 * word, MPI.NO_OP
+        )
+        self.win.Flush(target)
+        return int(self._res[0])
+
+    def _add(self, target: int, word: int, value: int) -> None:
+        self._one[0] = value
+        self.win.Fetch_and_op(
+            [self._one, MPI.INT64_T], [self._res, MPI.INT64_T], target, 8 * word, MPI.SUM
+        )
+        self.win.Flush(target)
+
+    def _write(self, target: int, word: int, value: int) -> None:
+        self._one[0] = value
+        self.win.Accumulate(
+            [self._one, MPI.INT64_T], target, (8 * word, 1, MPI.INT64_T), MPI.REPLACE
+        )
+        self.win.Flush(target)
+
+    # -- follower side (any server rank; rank 0 too, harmlessly) --------------
+    def begin_write(self, max_wait_s: float = 10.0) -> None:
+        """Before changing this shard's params or state: wait while rank 0 reads, SEQ odd.
+
+        The wait is bounded: rank 0 freezes for a few milliseconds, and a rank 0
+        that died must not stop the follower; a late write only makes rank 0's
+        read retry."""
+        me = self.me
+        if me != 0:
+            t0 = time.monotonic()
+            while self._read(me, self.FREEZE_W) and time.monotonic() - t0 < max_wait_s:
+                time.sleep(2e-5)
+        self._add(me, self.SEQ_W, 1)
+        self.win.Sync()
+
+    def end_write(self, version: int) -> None:
+        self.win.Sync()  # the numpy stores before the words that publish them
+        self._write(self.me, self.VERSION_W, version)
+        self._add(self.me, self.SEQ_W, 1)
+
+    # -- rank 0 -------------------------------------------------------------------
+    def gather(
+        self,
+        out: dict[str, np.ndarray],
+        versions: np.ndarray,
+        read_params=None,
+        *,
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Rank 0: every follower's arrays into out[name][lo:hi] and its version into
+        versions[s], consistent with what `read_params()` (called frozen) reads."""
+        win = self.win
+        followers = range(1, self.S)
+        for s in followers:
+            self._write(s, self.FREEZE_W, 1)
+        try:
+            t0 = time.monotonic()
+            while True:
+                seq1 = [self._read(s, self.SEQ_W) for s in followers]
+                if all(q % 2 == 0 for q in seq1):
+                    if read_params is not None:
+                        read_params()
+                    held = self._held = []
+                    for s in followers:
+                        lo, hi = self.bounds[s]
+                        for i, name in enumerate(self.names):
+                            view = out[name][lo:hi]
+                            held.append(view)
+                            disp = (self.HDR_BYTES + 4 * i * (hi - lo), hi - lo, MPI.FLOAT)
+                            win.Get([view, MPI.FLOAT], s, disp)
+                        win.Flush(s)
+                        versions[s] = self._read(s, self.VERSION_W)
+                    self._held = []
+                    if [self._read(s, self.SEQ_W) for s in followers] == seq1:
+                        return
+                if time.monotonic() - t0 > timeout_s:
+                    raise PSTimeout(
+                        f"no consistent read of the follower server shards within {timeout_s:.0f}s "
+                        "(is a server rank stuck or dead?)"
+                    )
+                time.sleep(1e-4)
+        finally:
+            for s in followers:
+                self._write(s, self.FREEZE_W, 0)
+
+    def free(self) -> None:
+        """Collective over the server ranks (skip it after a failure, like Windows.free)."""
+        if self._open:
+            self._open = False
+            self.win.Unlock_all()
+        self.win.Free()
+        self.comm.Free()

@@ -1,68 +1,116 @@
 """Checkpoints: one self-verifying `.npz` file per checkpoint, written atomically.
 
-A checkpoint holds the whole flat parameter vector (rank 0 gathers it from
-every server shard), the update rule's state, the schedule counters (phase,
-samples into the phase, version), the resolved config and a SHA256 digest of
-all of that.  Layout of `<run_dir>/checkpoints/ckpt-<version>.npz`::
+A checkpoint is complete: the whole flat parameter vector and the whole
+update-rule state (every server shard's, gathered by rank 0 through the RMA
+windows), the schedule counters (phase, samples into the phase, version of
+every shard), the fine-tune evaluation position, the resolved config, and
+one SHA256 digest over all of it (the manifest, `meta`, included).  Layout
+of `<run_dir>/checkpoints/ckpt-<version>.npz`::
 
     params        float32[n_params]     the flat vector (see dbnps.common.layout)
-    rule.<name>   float32[...]          update-rule state of server rank 0's shard
-    meta          uint8[...]            UTF-8 JSON: counters, config, shard bounds
+    rule.<name>   float32[n_params]     update-rule state over the flat vector (every shard)
+    meta          uint8[...]            UTF-8 JSON manifest: counters, config, shard bounds
     sha256        uint8[64]             hex digest over every entry above
 
-Taking a checkpoint has two halves: `snapshot` copies what is needed out of
-the live windows and must run on the main thread (it calls MPI); `write`
-does the disk work (tmp file, fsync, rename, fsync of the directory) and may
-run on any thread.  Only the newest `keep` files are kept.
+The rule state covers the flat vector, not one shard, so a job may resume
+with another number of server ranks: each rank takes its own slice.
+
+What the server hands over is a `JobState`, built by
+`ParameterServer.checkpoint_state` on rank 0's main thread (it calls MPI);
+`snapshot` turns it into a `Snapshot` (arrays + manifest) and
+`CheckpointStore.write` does the disk work (tmp file, fsync, rename, fsync of
+the directory) on any thread.  Only the newest `keep` files are kept.
 
 Atomic-write protocol: write `.ckpt-<v>.npz.<pid>.<tid>.tmp` in the same
 directory, flush and fsync it, `rename` it over `ckpt-<v>.npz`, fsync the
 directory.  A crash before the rename leaves only a dot-tmp file, which no
 reader ever opens (`paths` matches `ckpt-<digits>.npz` only) and the next
 writer deletes (`clean_partial`); a crash after it leaves a complete file.
-A file damaged later (truncated, a flipped byte) fails its zip CRC or its
-SHA256 when loaded: `find_resumable` then skips it with one warning line
-and takes the newest good one.
+Files are created 0600: a checkpoint holds the model and the config.
 
-What a checkpoint holds is everything the server needs to continue exactly
-(`ParameterServer(resume=...)`): parameters, update-rule state, phase,
-samples into the phase, parameter version, the fine-tune evaluation
-position, the config and the seeds.  Not held: the workers' minibatch RNG
-streams (they restart from `[run] seed`) and, with several server ranks,
-the update-rule state of the follower shards (only rank 0's shard is saved,
-`meta["rule_shard"]` says which; the others restart at zero as after a
-phase change).
+Loading checks the file twice: the digest (a damaged file: truncated, a
+flipped byte) and then the meaning (`validate`: the manifest's types, phase
+and samples in range for its own config, version >= 0, rule-state names,
+shapes and dtypes matching the rule, finite parameters and state), so a
+forged file with a recomputed digest is refused too, with one line naming
+the file and what is wrong.  `find_resumable` skips any refused file with
+one warning line and takes the newest good one.
+
+Held exactly: parameters, update-rule state, phase, samples into the phase,
+every shard's version, the evaluation position (`next_eval`) and the last
+accuracies.  Not held: the workers' minibatch RNG streams (they restart from
+`[run] seed`) and, in `[ps] mode = "accumulate"`, the update-rule state,
+which lives in each worker (its own velocity over its own gradients, never
+in a window the server can read); it restarts at zero on resume, as at a
+phase change (`meta["rule_state"]` says so; tests/test_checkpoint.py).
 
 Periodic checkpoints (`[run] checkpoint_every_s`, `checkpoint_every_updates`)
 are taken by rank 0 in its main loop through `Periodic`: the snapshot on the
 main thread, the disk work on one background thread.
 
-Test hook: `DBNPS_TEST_CRASH_BEFORE_RENAME=N` SIGKILLs the writing process on
+Test hooks: `DBNPS_TEST_CRASH_BEFORE_RENAME=N` SIGKILLs the writing process on
 its N-th write, after the fsync of the tmp file and before the rename.
+`DBNPS_TEST_SNAPSHOT_AFTER_RESUME=DIR`: a resumed server writes what its
+windows hold right after the restore, before any worker pulls, into DIR
+(`after_resume_hook`), so a test can compare it with the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dbnps.common.errors import DataError
+from dbnps.common.errors import DataError, UserError
 
-FORMAT = "dbnps-checkpoint/1"
+FORMAT = "dbnps-checkpoint/2"
+FORMAT_V1 = "dbnps-checkpoint/1"  # rank 0's shard of the rule state only (still read)
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 _PARTIAL = re.compile(r"^\.ckpt-\d+\.npz\..*\.tmp$")
 CRASH_ENV = "DBNPS_TEST_CRASH_BEFORE_RENAME"
+AFTER_RESUME_ENV = "DBNPS_TEST_SNAPSHOT_AFTER_RESUME"
+RULE_STATE = {"sgd": (), "momentum": ("v",), "adagrad": ("s",)}  # names each rule keeps
+RULE_STATE_SERVER = "server"
+RULE_STATE_WORKERS = "workers (accumulate mode: not saved, restarts at zero)"
 _writes_in_process = 0  # for the crash hook
+
+
+@dataclass
+class JobState:
+    """What a checkpoint holds, built by the server (`ParameterServer.checkpoint_state`)."""
+
+    params: np.ndarray  # float32[n_params], every shard
+    rule_name: str
+    rule_state: dict[str, np.ndarray]  # name -> float32[n_params], every shard ({} if not kept)
+    rule_state_kept: str  # RULE_STATE_SERVER or RULE_STATE_WORKERS
+    version: int  # rank 0's
+    shard_versions: list[int]
+    shard_bounds: list[tuple[int, int]]
+    phase: int
+    phase_names: list[str]
+    samples_in_phase: int
+    phase_samples: int
+    n_train: int
+    n_workers: int
+    applied: int
+    rejected: dict[str, int]
+    stopped: bool
+    next_eval: float
+    test_accuracy: float
+    eval_accuracy: float
+    config: dict
+    seed: int
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,39 +140,41 @@ class _Stats:
     last: CheckpointInfo | None = None
 
 
-def snapshot(ps, *, job_id: str = "", note: str = "", stop_phase: int | None = None) -> Snapshot:
-    """Copy parameters, rule state and counters out of a ParameterServer (main thread only)."""
-    st = ps.state
-    params = np.empty(ps.layout.size, dtype=np.float32)
-    ps.ps.gather_params(params)
-    rule_state = {k: np.array(v, copy=True) for k, v in ps.rule.state().items()}
-    phase = st.phase if stop_phase is None else stop_phase
+def snapshot(
+    js: JobState, *, job_id: str = "", note: str = "", stop_phase: int | None = None
+) -> Snapshot:
+    """Arrays and manifest of a checkpoint of `js` (any thread: no MPI here)."""
+    phase = js.phase if stop_phase is None else stop_phase
+    done = len(js.phase_names) - 1
     meta = {
         "format": FORMAT,
         "job_id": job_id,
         "note": note,
         "created_unix": time.time(),
-        "version": int(st.version),
+        "version": int(js.version),
+        "shard_versions": [int(v) for v in js.shard_versions],
         "phase": int(phase),
-        "phase_name": st.phase_names[min(phase, len(st.phase_names) - 1)],
-        "samples_in_phase": int(st.samples_in_phase),
-        "phase_samples": int(st.phase_samples),
-        "n_train": int(st.n_train),
-        "applied": int(st.applied_total),
-        "rejected": dict(st.rejected),
-        "stopped": bool(st.stopped),
-        "update_rule": ps.rule.name,
-        "rule_shard": [int(ps.lo), int(ps.hi)],
-        "shard_bounds": [list(b) for b in ps.win.bounds],
-        "n_params": int(ps.layout.size),
-        "n_workers": int(st.n_workers),
-        "next_eval": float(ps._next_eval),  # fine-tune evaluation schedule position (epochs)
-        "test_accuracy": float(st.test_accuracy),
-        "eval_accuracy": float(st.eval_accuracy),
-        "seeds": {"run.seed": int(ps.cfg.run.seed), "workers": "default_rng([seed, 1, worker])"},
-        "config": ps.cfg.to_dict(),
+        "phase_name": js.phase_names[min(phase, done)],
+        # A job that reached `done` has no samples left in any phase.
+        "samples_in_phase": int(js.samples_in_phase) if phase < done else 0,
+        "phase_samples": int(js.phase_samples),
+        "n_train": int(js.n_train),
+        "applied": int(js.applied),
+        "rejected": {str(k): int(v) for k, v in js.rejected.items()},
+        "stopped": bool(js.stopped),
+        "update_rule": js.rule_name,
+        "rule_state": js.rule_state_kept,
+        "shard_bounds": [[int(a), int(b)] for a, b in js.shard_bounds],
+        "n_params": int(js.params.size),
+        "n_workers": int(js.n_workers),
+        "next_eval": float(js.next_eval),  # fine-tune evaluation schedule position (epochs)
+        "test_accuracy": float(js.test_accuracy),
+        "eval_accuracy": float(js.eval_accuracy),
+        "seeds": {"run.seed": int(js.seed), "workers": "default_rng([seed, 1, worker])"},
+        "config": js.config,
+        **js.extra,
     }
-    return Snapshot(params, rule_state, meta)
+    return Snapshot(js.params, dict(js.rule_state), meta)
 
 
 def _digest(arrays: dict[str, np.ndarray], meta_bytes: bytes) -> str:
@@ -169,11 +219,13 @@ class CheckpointStore:
             "sha256": np.frombuffer(digest.encode(), dtype=np.uint8),
         }
         with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             final = self.dir / f"ckpt-{int(snap.meta['version'])}.npz"
             tmp = self.dir / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
-                with open(tmp, "wb") as f:
+                # 0600 like the token: a checkpoint holds the model and the config.
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
                     np.savez(f, **entries)
                     f.flush()
                     os.fsync(f.fileno())
@@ -258,34 +310,214 @@ def _read(
     digest = arrays.pop("sha256").tobytes().decode("ascii", "replace")
     try:
         meta = json.loads(meta_bytes)
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError too
         raise DataError(f"{path}: corrupt checkpoint metadata") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: checkpoint metadata is a {type(meta).__name__}, not an object")
     return arrays, meta, digest, meta_bytes
 
 
 def info_of(path: Path) -> CheckpointInfo:
     """Describe a checkpoint file (reads its metadata only; does not verify the digest)."""
     _, meta, digest, _ = _read(path, header_only=True)
-    return CheckpointInfo(
-        path=Path(path),
-        version=int(meta.get("version", -1)),
-        phase=str(meta.get("phase_name", "")),
-        size_bytes=Path(path).stat().st_size,
-        created_unix=float(meta.get("created_unix", 0.0)),
-        sha256=digest,
-    )
+    try:
+        return CheckpointInfo(
+            path=Path(path),
+            version=int(meta.get("version", -1)),
+            phase=str(meta.get("phase_name", "")),
+            size_bytes=Path(path).stat().st_size,
+            created_unix=float(meta.get("created_unix", 0.0)),
+            sha256=digest,
+        )
+    except (TypeError, ValueError) as exc:  # a forged manifest: not listed, never a traceback
+        raise DataError(f"{path}: unusable checkpoint metadata ({exc})") from None
 
 
 def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-    """(params, rule_state, meta) of a checkpoint, after verifying its SHA256 digest."""
+    """(params, rule_state, meta) of a checkpoint, after verifying its digest and meaning."""
     arrays, meta, digest, meta_bytes = _read(Path(path))
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, FORMAT_V1):
         raise DataError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
     if _digest(arrays, meta_bytes) != digest:
         raise DataError(f"{path}: checksum mismatch (the file is corrupt)")
     params = arrays.pop("params")
     rule = {k.removeprefix("rule."): v for k, v in arrays.items() if k.startswith("rule.")}
+    unknown = sorted(k for k in arrays if not k.startswith("rule."))
+    if unknown:
+        raise DataError(f"{path}: unknown entries {unknown}")
+    validate(path, params, rule, meta)
     return params, rule, meta
+
+
+def validate(path, params: np.ndarray, rule: dict[str, np.ndarray], meta: dict) -> None:
+    """Refuse a checkpoint whose contents make no sense, whatever its digest says.
+
+    Every check raises DataError("<path>: <what is wrong>"): one line that
+    names the file, the key and the value.  The ranges come from the
+    checkpoint's own config (its network and schedule), which must itself be
+    a valid config.
+    """
+    from dbnps.common.config import from_dict
+    from dbnps.common.layout import Layout
+    from dbnps.common.schedule import phase_samples
+
+    def bad(what: str):
+        raise DataError(f"{path}: {what}")
+
+    def get(key: str, kinds, what: str):
+        if key not in meta:
+            bad(f"metadata has no {key!r}")
+        v = meta[key]
+        # bool is an int in Python: a `true` where a count belongs is refused too
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
+            bad(f"metadata {key!r} must be {what}, got {_show(v)}")
+        return v
+
+    def integer(key: str, lo: int | None = None, hi: int | None = None) -> int:
+        v = get(key, int, "an integer")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            bad(f"metadata {key!r} = {v} is out of range (must be {rng})")
+        return v
+
+    def number(key: str, default=None) -> float:
+        if key not in meta and default is not None:
+            return default
+        return float(get(key, (int, float), "a number"))
+
+    get("format", str, "a string")
+    raw_cfg = get("config", dict, "the job's config (a table)")
+    try:
+        cfg = from_dict(raw_cfg)
+        layout = Layout(cfg.model.sizes, cfg.model.classes)
+    except UserError as exc:
+        bad(f"its config is invalid: {exc}")
+    for key in ("note", "job_id", "phase_name", "update_rule"):
+        if key in meta or key in ("phase_name", "update_rule"):
+            get(key, str, "a string")
+    get("stopped", bool, "true or false")
+    created = number("created_unix", 0.0)
+    if not math.isfinite(created):
+        bad(f"metadata 'created_unix' must be finite, got {created}")
+    version = integer("version", 0)
+    done = layout.done_phase
+    phase = integer("phase", 0, done)
+    if meta["phase_name"] != layout.phase_name(phase):
+        bad(
+            f"metadata 'phase_name' {meta['phase_name']!r} does not match phase {phase} "
+            f"({layout.phase_name(phase)!r} for its {len(layout.sizes) - 1}-layer network)"
+        )
+    n_train = integer("n_train", 1)
+    samples = integer("samples_in_phase", 0)
+    if phase < done:
+        total = phase_samples(cfg, phase, layout.n_layers, n_train)
+        if samples > total:
+            bad(
+                f"metadata 'samples_in_phase' = {samples} is beyond the phase "
+                f"({layout.phase_name(phase)} lasts {total} samples)"
+            )
+    if "applied" in meta:
+        integer("applied", 0)
+    if "rejected" in meta:
+        rej = get("rejected", dict, "a table of counts")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in rej.values()):
+            bad(f"metadata 'rejected' must hold counts, got {_show(rej)}")
+    next_eval = number("next_eval", cfg.run.eval_every_epochs)
+    if not (math.isfinite(next_eval) and next_eval > 0):
+        bad(f"metadata 'next_eval' must be a finite number of epochs > 0, got {next_eval}")
+    for key in ("test_accuracy", "eval_accuracy"):
+        acc = number(key, float("nan"))
+        if acc == acc and not 0.0 <= acc <= 1.0:
+            bad(f"metadata {key!r} = {acc} is not an accuracy (NaN or in [0, 1])")
+    n = layout.size
+    if "n_params" in meta and integer("n_params", 1) != n:
+        bad(f"metadata 'n_params' = {meta['n_params']} but its network has {n} parameters")
+    if params.dtype != np.float32 or params.shape != (n,):
+        bad(
+            f"params must be float32[{n}] for its {'-'.join(map(str, layout.sizes))} network, "
+            f"got {params.dtype}{list(params.shape)}"
+        )
+    if not np.isfinite(np.dot(params, params)):  # one BLAS pass; NaN/Inf (or overflow)
+        bad("params hold NaN or Inf values (a diverged job's state is not resumable)")
+    bounds = get("shard_bounds", list, "a list of [lo, hi] shards")
+    if not (
+        bounds
+        and all(
+            isinstance(b, list) and len(b) == 2 and all(type(x) is int for x in b) for b in bounds
+        )
+        and bounds[0][0] == 0
+        and bounds[-1][1] == n
+        and all(a < b for a, b in bounds)
+        and all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+    ):
+        bad(
+            f"metadata 'shard_bounds' must cut [0, {n}) into contiguous shards, got {_show(bounds)}"
+        )
+    rule_name = meta["update_rule"]
+    if rule_name not in RULE_STATE:
+        bad(f"unknown update rule {rule_name!r} (sgd, momentum, adagrad)")
+    if meta["format"] == FORMAT_V1:
+        shard = meta.get("rule_shard")
+        if (
+            not (isinstance(shard, list) and len(shard) == 2 and all(type(x) is int for x in shard))
+            or not 0 <= shard[0] < shard[1] <= n
+        ):
+            bad(f"metadata 'rule_shard' must be [lo, hi] within [0, {n}), got {_show(shard)}")
+        state_len = shard[1] - shard[0]
+    else:
+        kept = get("rule_state", str, "a string")
+        if kept not in (RULE_STATE_SERVER, RULE_STATE_WORKERS):
+            bad(f"metadata 'rule_state' {kept!r} is neither {RULE_STATE_SERVER!r} nor workers")
+        versions = get("shard_versions", list, "a list of versions, one per shard")
+        if len(versions) != len(bounds) or not all(type(v) is int and v >= 0 for v in versions):
+            bad(
+                f"metadata 'shard_versions' must be {len(bounds)} integers >= 0, "
+                f"got {_show(versions)}"
+            )
+        if versions[0] != version:
+            bad(f"metadata 'shard_versions' starts at {versions[0]}, 'version' is {version}")
+        state_len = n
+        if kept == RULE_STATE_WORKERS:
+            if rule:
+                bad(f"holds rule state {sorted(rule)} although it says {kept!r}")
+            return
+    want = set(RULE_STATE[rule_name])
+    if set(rule) != want:
+        bad(f"update rule {rule_name!r} keeps state {sorted(want)}, the file holds {sorted(rule)}")
+    for name, arr in rule.items():
+        if arr.dtype != np.float32 or arr.shape != (state_len,):
+            bad(
+                f"rule state {name!r} must be float32[{state_len}], "
+                f"got {arr.dtype}{list(arr.shape)}"
+            )
+        if not np.isfinite(np.dot(arr, arr)):
+            bad(f"rule state {name!r} holds NaN or Inf values")
+        if rule_name == "adagrad" and arr.size and float(arr.min()) < 0:
+            bad(f"rule state {name!r} (a sum of squares) holds negative values")
+
+
+def _tuple(kinds) -> tuple:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _show(v) -> str:
+    """A value for an error line: its type and a bounded repr."""
+    r = repr(v)
+    return f"{type(v).__name__} {r[:60] + '...' if len(r) > 60 else r}"
+
+
+def after_resume_hook(ps) -> None:
+    """Test hook (`DBNPS_TEST_SNAPSHOT_AFTER_RESUME=DIR`): right after a resume, before
+    any worker pulls, rank 0 writes what the windows hold now, read back through
+    the same path as every checkpoint, into DIR.  Every server rank calls it."""
+    folder = os.environ.get(AFTER_RESUME_ENV)
+    if not folder:
+        return
+    if ps.shard_states is not None:
+        ps.shard_states.barrier()  # every shard is restored before rank 0 reads it
+    if ps.topo.rank == 0:
+        store = CheckpointStore(Path(folder), keep=1)
+        store.write(snapshot(ps.checkpoint_state(), note="after resume"))
 
 
 def _maybe_crash() -> None:
@@ -397,7 +629,7 @@ class Periodic:
         return bool(self.every_s) and time.monotonic() - self.last_time >= self.every_s
 
     def take(self, ps) -> None:
-        snap = snapshot(ps, job_id=self.job_id, note="periodic")
+        snap = snapshot(ps.checkpoint_state(), job_id=self.job_id, note="periodic")
         self.last_version = int(snap.meta["version"])
         self.last_time = time.monotonic()
         self._pending = self._pool.submit(self._write, snap)

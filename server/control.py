@@ -289,7 +289,12 @@ class ControlPlane:
         if ps.state.stopped:
             try:
                 info = self.store.write(
-                    ckpt.snapshot(ps, job_id=self.job_id, note="stop", stop_phase=self._stop_phase)
+                    ckpt.snapshot(
+                        ps.checkpoint_state(),
+                        job_id=self.job_id,
+                        note="stop",
+                        stop_phase=self._stop_phase,
+                    )
                 )
                 self.log(f"[control] final checkpoint {info.path}")
             except Exception as exc:  # the job still finishes; the Stop caller is told
@@ -316,7 +321,8 @@ class ControlPlane:
                 continue  # the caller gave up waiting
             try:
                 if req.kind == "snapshot":
-                    req.future.set_result(ckpt.snapshot(ps, job_id=self.job_id, **req.args))
+                    snap = ckpt.snapshot(ps.checkpoint_state(), job_id=self.job_id, **req.args)
+                    req.future.set_result(snap)
                 elif req.kind == "stop":
                     if not ps.state.stopped:
                         if ps.state.phase < ps.layout.done_phase:

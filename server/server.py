@@ -70,6 +70,11 @@ class ParameterServer:
             topo.n_workers, topo.n_servers, names, n_train=n_train, eval_split=eval_split
         )
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
+        # S > 1: each shard's rule state lives in a window rank 0 reads for checkpoints
+        self.shard_states = None
+        if topo.n_servers > 1:
+            self.shard_states = rma.ShardStates(topo, self.win.bounds, list(self.rule.state()))
+            self.shard_states.bind(self.rule)
         self._agg = np.empty(self.hi - self.lo, dtype=np.float32)
         self._flat = np.empty(layout.size, dtype=np.float32)  # rank 0 snapshot for eval
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="eval") if topo.rank == 0 else None
@@ -93,6 +98,7 @@ class ParameterServer:
         self.ps.unlock_params()
         self.state.phase, self.state.phase_samples = first, self._phase_samples(first)
         self.state.version, self.state.samples_in_phase = version, samples
+        self._shard_state_restored(resume)
         topo.comm.Barrier()  # parameters and phase are set before any worker pulls
         self.log(f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s)")
         self.log(f"[server] phase {layout.phase_name(first)} starts")
@@ -100,31 +106,48 @@ class ParameterServer:
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
         """Continue from a checkpoint: (params, phase, version, samples in phase).
 
-        The update rule's state is loaded when it was saved for this rule and
-        this shard (rank 0's shard only; see dbnps.server.checkpoint).
+        The checkpoint was validated when loaded (dbnps.server.checkpoint).  Its
+        update-rule state covers the flat vector (format 2): this rank takes its
+        shard, whatever the number of server ranks was.  Format 1 held rank 0's
+        shard only (`rule_shard`); it is loaded where it fits.
         """
         if params.shape != (self.layout.size,) or params.dtype != np.float32:
             raise ValueError(
-                f"checkpoint holds {params.shape} parameters, layout needs {self.layout.size}"
+                f"checkpoint holds {params.dtype}{list(params.shape)} parameters, the layout "
+                f"needs float32[{self.layout.size}]"
             )
         phase = self._next_nonempty_phase(int(meta["phase"]))
         same_phase = phase == int(meta["phase"])
         samples = int(meta["samples_in_phase"]) if same_phase else 0
-        if (
+        version = int(meta["version"])
+        bounds = [tuple(b) for b in meta.get("shard_bounds", [])]
+        versions = meta.get("shard_versions")
+        if versions and bounds == [tuple(b) for b in self.win.bounds]:
+            version = int(versions[self.topo.rank])  # each shard exactly where it was
+        same_rule = meta.get("update_rule") == self.rule.name
+        if meta.get("rule_state") == "server" and same_rule and rule_state:
+            if same_phase:
+                self.rule.load_state({k: v[self.lo : self.hi] for k, v in rule_state.items()})
+        elif (
             same_phase
-            and meta.get("update_rule") == self.rule.name
+            and same_rule
             and list(meta.get("rule_shard", [])) == [self.lo, self.hi]
+            and rule_state
         ):
             self.rule.load_state(rule_state)
-        elif same_phase and rule_state:
+        elif same_phase and self.accumulate and self.rule.state():
             self.log(
-                "[server] update-rule state not restored (other rule or shard): it restarts at zero"
+                "[server] accumulate mode: the workers' update-rule state is not in "
+                "checkpoints; it restarts at zero, as at a phase change"
             )
+        elif same_phase and self.rule.state():
+            why = "other rule" if not same_rule else "not in the checkpoint"
+            self.log(f"[server] update-rule state not restored ({why}): it restarts at zero")
         if same_phase:
             self._next_eval = float(meta.get("next_eval", self._next_eval))
         self.state.eval_accuracy = float(meta.get("eval_accuracy", float("nan")))
         self.state.test_accuracy = float(meta.get("test_accuracy", float("nan")))
-        return params, phase, int(meta["version"]), samples
+        return params, phase, version, samples
 
     # -- phase schedule (rank 0 decides; followers copy) --------------------
     def _phase_samples(self, phase: int) -> int:
@@ -144,7 +167,9 @@ class ParameterServer:
         self.ps.unlock_params()
         st.phase, st.samples_in_phase = phase, 0
         st.phase_samples = self._phase_samples(phase)
+        self._shard_write_begin()
         self.rule.reset()
+        self._shard_write_end(st.version)
         self._next_eval = self.cfg.run.eval_every_epochs
         self.log(f"[server] phase {self.layout.phase_name(phase)} starts at version {st.version}")
         self._print_progress()
@@ -205,12 +230,14 @@ class ParameterServer:
         if accepted:
             lr, mom = hyper(cfg, st.phase, self.layout.n_layers, st.epoch)
             n = sum(p.n_samples for p in accepted)
+            self._shard_write_begin()
             self.ps.lock_params()
             self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)  # agg is scratch afterwards
             self.ps.header[rma.VERSION] += len(accepted)
             if self.topo.rank == 0:
                 self.ps.header[rma.SAMPLES] += n
             self.ps.unlock_params()
+            self._shard_write_end(st.version + len(accepted))
             st.apply_seconds += time.perf_counter() - t0
             st.last_apply = time.time()
             st.first_apply = st.first_apply or st.last_apply
@@ -488,6 +515,75 @@ class ParameterServer:
             )
             self.request_stop()
 
+    # -- complete checkpoints (every shard; see rma.ShardStates) ------------
+    def _shard_write_begin(self) -> None:
+        if self.shard_states is not None:
+            self.shard_states.begin_write()
+
+    def _shard_write_end(self, version: int) -> None:
+        if self.shard_states is not None:
+            self.shard_states.end_write(version)
+
+    def _shard_state_restored(self, resume) -> None:
+        """Publish this shard's version; test hook `DBNPS_TEST_SNAPSHOT_AFTER_RESUME`."""
+        self._shard_write_begin()
+        self._shard_write_end(self.state.version)
+        if resume is not None:
+            from dbnps.server.checkpoint import after_resume_hook
+
+            after_resume_hook(self)
+
+    def checkpoint_state(self):
+        """Rank 0, main thread: what a checkpoint holds, every shard's (a checkpoint.JobState).
+
+        Parameters through the protocol's reads; with S > 1 the followers' rule
+        state and versions through `ShardStates.gather`, frozen together with
+        the parameters so each shard's three agree.
+        """
+        from dbnps.server.checkpoint import RULE_STATE_SERVER, RULE_STATE_WORKERS, JobState
+
+        st, size = self.state, self.layout.size
+        params = np.empty(size, dtype=np.float32)
+        # accumulate mode: the rule runs in the workers; the server's copy is unused
+        names = [] if self.accumulate else list(self.rule.state())
+        rule_state = {k: np.zeros(size, dtype=np.float32) for k in names}
+        versions = np.zeros(self.topo.n_servers, dtype=np.int64)
+        versions[0] = st.version
+
+        def read_params():
+            self.ps.gather_params(params)
+
+        if self.shard_states is not None:
+            self.shard_states.gather(rule_state, versions, read_params)
+        else:
+            read_params()
+        own = self.rule.state()
+        for k in names:
+            rule_state[k][self.lo : self.hi] = own[k]
+        return JobState(
+            params=params,
+            rule_name=self.rule.name,
+            rule_state=rule_state,
+            rule_state_kept=RULE_STATE_WORKERS if self.accumulate else RULE_STATE_SERVER,
+            version=int(st.version),
+            shard_versions=[int(v) for v in versions],
+            shard_bounds=list(self.win.bounds),
+            phase=int(st.phase),
+            phase_names=list(st.phase_names),
+            samples_in_phase=int(st.samples_in_phase),
+            phase_samples=int(st.phase_samples),
+            n_train=int(st.n_train),
+            n_workers=int(st.n_workers),
+            applied=int(st.applied_total),
+            rejected=dict(st.rejected),
+            stopped=bool(st.stopped),
+            next_eval=float(self._next_eval),
+            test_accuracy=float(st.test_accuracy),
+            eval_accuracy=float(st.eval_accuracy),
+            config=self.cfg.to_dict(),
+            seed=int(self.cfg.run.seed),
+        )
+
     def finish(self, out: Path | None = None, summary: Path | None = None) -> dict | None:
         """After every worker left: final evaluation, model and summary (rank 0), free windows."""
         result = None
@@ -544,6 +640,8 @@ class ParameterServer:
             self._pool.shutdown()
         # Rank 0 has read every shard and written the results by now.
         healthy = rma.finalize(self.topo, self.win, timeout_s=self.cfg.ps.exit_timeout_s)
+        if healthy and self.shard_states is not None:
+            self.shard_states.free()  # collective over the servers: not after a failure
         if not healthy:
             self.log("[server] a rank had failed; the survivors finished without it")
         return result

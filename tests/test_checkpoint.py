@@ -17,15 +17,17 @@ import pytest
 from conftest import write_config
 from jobctl import job_env, psctl
 
-from dbnps.common.config import Config, load, to_toml
+from dbnps.common.config import load, to_toml
 from dbnps.common.errors import DataError
 from dbnps.server.checkpoint import (
     CRASH_ENV,
-    FORMAT,
+    RULE_STATE_SERVER,
     CheckpointStore,
+    JobState,
     Snapshot,
     find_resumable,
     load_checkpoint,
+    snapshot,
 )
 
 TINY = {
@@ -38,18 +40,52 @@ TINY = {
 }
 
 
-def _snap(version: int, n: int = 1000) -> Snapshot:
+SMALL = {"model": {"sizes": [784, 16]}}  # 13514 parameters: small files, a real layout
+
+
+def _job_state(version: int, *, rule: str = "momentum", servers: int = 1) -> JobState:
+    """What a server hands the checkpointer, for a small network in fine-tuning."""
+    from dbnps.common.config import from_dict
+    from dbnps.common.job import layout_of
+
+    cfg = from_dict({**SMALL, "ps": {"update_rule": rule}})
+    layout = layout_of(cfg)
+    n = layout.size
     rng = np.random.default_rng(version)
-    meta = {
-        "format": FORMAT,
-        "created_unix": 0.0,
-        "version": version,
-        "phase": 2,
-        "phase_name": "finetune",
-        "samples_in_phase": 10 * version,
-        "config": Config().to_dict(),
-    }
-    return Snapshot(rng.standard_normal(n).astype(np.float32), {"v": np.ones(n, np.float32)}, meta)
+    names = {"sgd": [], "momentum": ["v"], "adagrad": ["s"]}[rule]
+    return JobState(
+        params=rng.standard_normal(n).astype(np.float32),
+        rule_name=rule,
+        rule_state={k: rng.random(n).astype(np.float32) for k in names},
+        rule_state_kept=RULE_STATE_SERVER,
+        version=version,
+        shard_versions=[version] * servers,
+        shard_bounds=_bounds(n, servers),
+        phase=layout.finetune_phase,
+        phase_names=[layout.phase_name(p) for p in range(layout.done_phase + 1)],
+        samples_in_phase=10 * version,
+        phase_samples=60000,
+        n_train=60000,
+        n_workers=2,
+        applied=version,
+        rejected={"stale": 1},
+        stopped=False,
+        next_eval=1.0,
+        test_accuracy=float("nan"),
+        eval_accuracy=0.5,
+        config=cfg.to_dict(),
+        seed=0,
+    )
+
+
+def _bounds(n: int, servers: int) -> list[tuple[int, int]]:
+    """rma.shard_bounds without importing mpi4py into the test process."""
+    edges = np.linspace(0, n, servers + 1).round().astype(int)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(servers)]
+
+
+def _snap(version: int) -> Snapshot:
+    return snapshot(_job_state(version))
 
 
 def _store(tmp_path: Path, versions=(10, 20, 30)) -> CheckpointStore:
@@ -179,3 +215,156 @@ def _run(cfg: Path, run_dir: Path, *, env: dict, extra=()) -> subprocess.Complet
     return subprocess.run(
         argv, env=mpi_env(env), capture_output=True, text=True, timeout=90, errors="replace"
     )
+
+
+# -- meaning, not only checksum: forged files with a recomputed digest ---------------
+def _forge(path: Path, change) -> Path:
+    """Write a well-checksummed checkpoint whose contents `change(arrays, meta)` altered."""
+    from dbnps.server.checkpoint import _digest
+
+    snap = _snap(40)
+    arrays = {
+        "params": snap.params.copy(),
+        **{f"rule.{k}": v.copy() for k, v in snap.rule_state.items()},
+    }
+    meta = json.loads(json.dumps(snap.meta, default=float))
+    out = change(arrays, meta)
+    meta = out if isinstance(out, list) else meta  # a case may replace the whole manifest
+    meta_bytes = json.dumps(meta).encode()
+    entries = {
+        **arrays,
+        "meta": np.frombuffer(meta_bytes, dtype=np.uint8),
+        "sha256": np.frombuffer(_digest(arrays, meta_bytes).encode(), dtype=np.uint8),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **entries)
+    return path
+
+
+def _set(key, value):
+    def change(arrays, meta):
+        meta[key] = value
+
+    return change
+
+
+def _array(name, fn):
+    def change(arrays, meta):
+        arrays[name] = fn(arrays[name])
+
+    return change
+
+
+def _nan_at(a):
+    a = a.copy()
+    a[3] = np.nan
+    return a
+
+
+# (case id, change, what the error line must say)
+FORGED = [
+    ("phase-negative", _set("phase", -1), "'phase' = -1 is out of range"),
+    ("phase-too-big", _set("phase", 7), "'phase' = 7 is out of range"),
+    ("phase-name", _set("phase_name", "pretrain-1"), "does not match phase 1"),
+    ("version-negative", _set("version", -5), "'version' = -5 is out of range"),
+    ("version-string", _set("version", "12"), "'version' must be an integer, got str"),
+    ("version-bool", _set("version", True), "'version' must be an integer, got bool"),
+    ("samples-beyond", _set("samples_in_phase", 10**9), "is beyond the phase"),
+    ("samples-negative", _set("samples_in_phase", -1), "'samples_in_phase' = -1"),
+    ("n-train-zero", _set("n_train", 0), "'n_train' = 0 is out of range"),
+    ("config-string", _set("config", "not a config"), "'config' must be the job's config"),
+    ("config-invalid", _set("config", {"model": {"sizes": "x"}}), "its config is invalid"),
+    ("config-missing", lambda a, m: m.pop("config") is None, "metadata has no 'config'"),
+    ("meta-list", lambda a, m: [1, 2], "metadata is a list, not an object"),
+    ("stopped-string", _set("stopped", "yes"), "'stopped' must be true or false"),
+    ("next-eval-zero", _set("next_eval", 0), "'next_eval' must be a finite number"),
+    ("accuracy-3", _set("test_accuracy", 3.0), "'test_accuracy' = 3.0 is not an accuracy"),
+    ("rule-unknown", _set("update_rule", "adam"), "unknown update rule 'adam'"),
+    ("rule-other", _set("update_rule", "adagrad"), "keeps state ['s'], the file holds ['v']"),
+    ("shard-bounds", _set("shard_bounds", [[0, 5], [7, 13514]]), "'shard_bounds' must cut"),
+    ("shard-versions", _set("shard_versions", [40, 40]), "'shard_versions' must be 1 integers"),
+    ("shard-version-0", _set("shard_versions", [39]), "'shard_versions' starts at 39"),
+    ("n-params", _set("n_params", 5), "'n_params' = 5 but its network has 13514"),
+    ("params-nan", _array("params", _nan_at), "params hold NaN or Inf"),
+    ("params-2d", _array("params", lambda a: a[:13500].reshape(100, 135)), "got float32[100, 135]"),
+    ("params-f64", _array("params", lambda a: a.astype(np.float64)), "got float64[13514]"),
+    ("params-short", _array("params", lambda a: a[:-1]), "params must be float32[13514]"),
+    (
+        "rule-short",
+        _array("rule.v", lambda a: a[:100]),
+        "'v' must be float32[13514], got float32[100]",
+    ),
+    ("rule-f16", _array("rule.v", lambda a: a.astype(np.float16)), "got float16[13514]"),
+    (
+        "rule-inf",
+        _array("rule.v", lambda a: a * np.float32(np.inf)),
+        "rule state 'v' holds NaN or Inf",
+    ),
+    ("rule-missing", lambda a, m: a.pop("rule.v") is None, "the file holds []"),
+    ("rule-extra", lambda a, m: a.update({"rule.s": a["rule.v"]}), "the file holds ['s', 'v']"),
+    (
+        "entry-unknown",
+        lambda a, m: a.update({"extra": a["params"][:3]}),
+        "unknown entries ['extra']",
+    ),
+]
+
+
+@pytest.mark.parametrize("case,change,says", FORGED, ids=[c[0] for c in FORGED])
+def test_a_forged_checkpoint_is_refused_with_one_line(tmp_path, case, change, says):
+    path = _forge(tmp_path / "ckpt-40.npz", change)
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+    assert says in msg, msg
+
+
+def test_forged_checkpoints_through_psctl_one_error_line_each(tmp_path):
+    """The CLI side of the matrix: `psctl start --resume FILE` for every forged file.
+
+    One process runs them all (click's runner), so the matrix stays fast; each
+    case must end in SystemExit != 0 with exactly one `error:` line naming the file
+    and no traceback."""
+    from click.testing import CliRunner
+
+    from dbnps.cli import main
+
+    env = job_env(tmp_path / "state")
+    runner = CliRunner()
+    for case, change, says in FORGED:
+        path = _forge(tmp_path / case / "ckpt-40.npz", change)
+        res = runner.invoke(main, ["start", "--resume", str(path)], env=env)
+        err = res.stderr if hasattr(res, "stderr") else res.output
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert res.exit_code not in (0, None), (case, err)
+        assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), (
+            case,
+            repr(res.exception),
+        )
+        assert len(lines) == 1 and lines[0].startswith("error: cannot resume"), (case, err)
+        assert str(path) in lines[0] and says in lines[0], (case, lines[0])
+    assert not (tmp_path / "state" / "runs").exists()
+
+
+def test_a_forged_newest_checkpoint_falls_back_to_the_older_good_one(tmp_path):
+    store = _store(tmp_path, versions=(10, 20))
+    forged = _forge(store.dir / "ckpt-30.npz", _set("phase", -1))
+    warnings = []
+    path, (_, _, meta) = find_resumable(tmp_path / "run", warn=warnings.append, quarantine=True)
+    assert path.name == "ckpt-20.npz" and meta["version"] == 20
+    assert len(warnings) == 1 and str(forged) in warnings[0] and "'phase' = -1" in warnings[0]
+    assert (store.dir / "ckpt-30.npz.corrupt").exists()  # a restarting run renames it away
+
+
+def test_checkpoints_lists_around_a_forged_manifest(tmp_path):
+    store = _store(tmp_path, versions=(10,))
+    _forge(store.dir / "ckpt-30.npz", _set("version", "x"))  # info_of used int() on it
+    assert [i.version for i in store.list()] == [10]
+
+
+def test_checkpoint_files_are_private(tmp_path):
+    store = _store(tmp_path, versions=(10,))
+    assert store.paths()[0].stat().st_mode & 0o777 == 0o600
+    assert store.dir.stat().st_mode & 0o777 == 0o700
