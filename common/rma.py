@@ -13,21 +13,23 @@ handle, see `dbnps.server.server`) applies them, `ack` completes them.
 Two modes (`[ps] mode`).  "apply" (default): pushes land in per-worker slots
 and the server validates and applies them.  "accumulate" (1 server rank):
 a worker runs the update rule on its own gradients and `accumulate`s the
-increment straight into the parameters (MPI_Accumulate SUM under the
-exclusive lock), then writes the outcome to its mailbox so the server can
-count it; there is no swin, and the server only keeps the books and the
-phase schedule.
+increment straight into the parameters (MPI_Accumulate SUM while it holds the
+MUTEX word), then writes the outcome to its mailbox so the server can count
+it; there is no swin, and the server only keeps the books and the phase
+schedule.
 
 Window layout on server rank s, which owns the flat-vector shard [base_s, base_s + n_s)
 (K workers, worker w = world rank S + w)::
 
-  pwin  (disp_unit 1, bytes)       writers: server s (accumulate mode: workers too, exclusive lock)
-  +---------+-------+---------+------+---------+------------------+---------------------+
-  | VERSION | PHASE | SAMPLES | STOP | MEMBERS | DEAD[ceil(K/64)] | params float32[n_s] |
-  +---------+-------+---------+------+---------+------------------+---------------------+
+  pwin  (disp_unit 1, bytes)       writers: server s (accumulate mode: the MUTEX holder)
+  +---------+-------+---------+------+---------+-----+-------+------------------+-----------------+
+  | VERSION | PHASE | SAMPLES | STOP | MEMBERS | SEQ | MUTEX | DEAD[ceil(K/64)] | params f32[n_s] |
+  +---------+-------+---------+------+---------+-----+-------+------------------+-----------------+
    int64 words, padded to an even count (PHASE..DEAD authoritative on rank 0):
    STOP 1 = workers leave now, 2 = every worker has left (servers leave);
-   MEMBERS counts membership changes; DEAD is a bitmask of dead workers.
+   MEMBERS counts membership changes; DEAD is a bitmask of dead workers;
+   SEQ is the seqlock word (odd while the header or parameters are being
+   written); MUTEX is 0 or the id of the writer holding it (accumulate mode).
 
   swin  (disp_unit 4, float32)     writer of slot w: worker w  (0 bytes in accumulate mode)
   +----------------+----------------+-----+------------------+
@@ -41,21 +43,35 @@ Window layout on server rank s, which owns the flat-vector shard [base_s, base_s
   | PHASE RESULT LO HI                      | RATE PUSHES PULLS STATE                |
   +-----------------------------------------+----------------------------------------+
 
+Epochs: no rank ever holds a lock another rank waits for.  Every rank opens
+one passive-target epoch per window at start (`Lock_all(MODE_NOCHECK)`: no
+lock is taken) and closes it at the end; operations complete with `Flush`.
+A rank killed in the middle of a pull, a push or an accumulate therefore
+leaves nothing behind that can block the server or another worker (with
+per-operation `Lock`/`Unlock`, a worker killed inside its shared-lock pull
+left that lock taken and the server's next exclusive lock waited for ever).
+
 Consistency rules (MPI-4.1 §12.7; ../shared/ARCHITECTURE.md):
 
-* Parameters: the server updates its shard and the header under
-  `pwin.Lock(self, EXCLUSIVE)`; a worker's pull is one `pwin.Lock(s, SHARED)`
-  epoch holding a Get of the header and a Get of the parameters, so a pull
-  never sees a half-applied update and the version it reads is exactly the
-  version of the values it reads.
-* Accumulate mode: one `pwin.Lock(0, EXCLUSIVE)` epoch per push: Get
-  VERSION/PHASE/SAMPLES, Flush, and only if the phase is the worker's and not
-  yet complete and the push is within tau: Accumulate(SUM) the increment and
-  Put VERSION+1, SAMPLES+n.  Pulls (shared lock) and the server's own writes
-  (exclusive) exclude it, so reads never see half an increment.  The worker
-  checks the increment is finite (one BLAS dot) before it sends anything.
+* Parameters (seqlock): a writer makes SEQ odd, writes the header words and
+  parameters, makes SEQ even again (`Win_sync` between, so the stores are
+  ordered).  A pull reads SEQ (atomic Fetch_and_op NO_OP), then the header
+  (Get_accumulate NO_OP) and the parameters (Get), then SEQ again, with a
+  Flush after each step; it keeps the values only if both SEQ reads are equal
+  and even, else it reads again.  So a pull never keeps a half-applied update
+  and the version it returns is exactly the version of its values; a reader
+  can be killed at any point without the writer ever waiting for it.
+* Accumulate mode: writers exclude each other through the MUTEX word
+  (Compare_and_swap 0 -> id, release by Accumulate REPLACE 0); the holder
+  reads VERSION/PHASE/SAMPLES and only if the phase is the worker's, not yet
+  complete and the push within tau: SEQ odd, Accumulate(SUM) the increment,
+  VERSION+1, SAMPLES+n, SEQ even.  A holder that dies is a dead worker: the
+  server, which publishes the death, takes the MUTEX over and makes SEQ even
+  (the increment may be partly added: a noisy step, not a stuck job).  The
+  worker checks the increment is finite (one BLAS dot) before it sends
+  anything.
 * Push: worker w writes only slot w and only when its slot is free
-  (ACK_SEQ == PUSH_SEQ).  It Puts the gradient (epoch closed: complete at the
+  (ACK_SEQ == PUSH_SEQ).  It Puts the gradient and flushes (complete at the
   target), then atomically writes the metadata words, flushes, and atomically
   bumps PUSH_SEQ.  The server reads mailbox words with Get_accumulate(NO_OP),
   reads slot w only after seeing PUSH_SEQ > ACK_SEQ, and releases it by an
@@ -66,7 +82,7 @@ Consistency rules (MPI-4.1 §12.7; ../shared/ARCHITECTURE.md):
 
 mpi4py does not keep origin/result buffers alive until the epoch closes, so
 every buffer passed to an RMA call is held in a variable (usually a
-preallocated attribute) until Unlock.  All buffers are float32 / int64 /
+preallocated attribute) until the Flush that completes it.  All buffers are float32 / int64 /
 float64 exactly as the window expects; dtypes are checked at this boundary.
 """
 
@@ -82,7 +98,7 @@ import numpy as np
 from mpi4py import MPI
 
 # -- layout constants -------------------------------------------------------
-VERSION, PHASE, SAMPLES, STOP, MEMBERS, DEAD = range(6)
+VERSION, PHASE, SAMPLES, STOP, MEMBERS, SEQ, MUTEX, DEAD = range(8)
 STOP_WORKERS, STOP_ALL = 1, 2
 
 
@@ -181,6 +197,9 @@ class Windows:
         for w in (self.pwin, self.swin, self.cwin):
             w.Set_errhandler(MPI.ERRORS_RETURN)
         self.zero()
+        for w in (self.pwin, self.swin, self.cwin):  # one epoch for the job, no lock held
+            w.Lock_all(MPI.MODE_NOCHECK)
+        self._open = True
 
     def zero(self) -> None:
         """Collective: every rank zeroes its own memory of every window, then a barrier.
@@ -201,13 +220,29 @@ class Windows:
                 w.Unlock(me)
         self.topo.comm.Barrier()
 
-    def free(self) -> None:
+    def free(self, *, collective: bool = True) -> None:
+        """Close the job's epochs; `Win.Free` too unless a rank has failed.
+
+        Free is collective and would wait for the dead rank: after a failure
+        the windows are left to the process exit instead.
+        """
+        if not collective:
+            return
+        if self._open:
+            self._open = False
+            for w in (self.pwin, self.swin, self.cwin):
+                w.Unlock_all()
         for w in (self.pwin, self.swin, self.cwin):
             w.Free()
 
 
 def finalize(
-    topo: Topology, windows: Windows, *, timeout_s: float = 120.0, delay_s: float = 0.0
+    topo: Topology,
+    windows: Windows,
+    *,
+    timeout_s: float = 120.0,
+    delay_s: float = 0.0,
+    inside=None,
 ) -> bool:
     """Collective end of a job that also works after a rank died (ULFM).
 
@@ -220,7 +255,9 @@ def finalize(
     it for ever (seen once in 10 random kills), and no MPI call here takes a
     timeout.  Everything worth keeping is written before this point (model,
     summary, checkpoints), so a timer ends the process with one line and exit
-    status 4 after `timeout_s`.  `delay_s` is a test hook: a rank that is late.
+    status 4 after `timeout_s`.  Test hooks: `delay_s`, a rank that is late;
+    `inside()`, called between the agreement and the barrier (a rank that dies
+    inside the collective exit).
     """
     who = f"rank {topo.rank}"
     timer = threading.Timer(timeout_s, _give_up, (who, timeout_s))
@@ -236,8 +273,13 @@ def finalize(
         comm.Ack_failed()
         comm.Agree(1)
         healthy = False
-    (comm if healthy else comm.Shrink()).Barrier()
-    windows.free()
+    if inside is not None:
+        inside()
+    try:
+        (comm if healthy else comm.Shrink()).Barrier()
+    except MPI.Exception:  # a rank died inside the exit itself; the results are written
+        healthy = False
+    windows.free(collective=healthy)
     timer.cancel()
     return healthy
 
@@ -263,6 +305,69 @@ class PullInfo:
     dead: set[int]  # dead workers (rank 0)
 
 
+class _Words:
+    """Atomic reads and writes of int64/float64 words of a window (inside the job's epoch)."""
+
+    def __init__(self, win: MPI.Win, n: int, dtype=np.int64):
+        self.win = win
+        self.mpi_type = MPI.INT64_T if dtype == np.int64 else MPI.DOUBLE
+        self.buf = np.zeros(n, dtype=dtype)  # result buffer, alive until the Flush
+        self._origin = np.zeros(n, dtype=dtype)  # ignored by NO_OP; must not alias buf
+        self._one = np.zeros(1, dtype=dtype)
+        self._res = np.zeros(1, dtype=dtype)
+        self._cmp = np.zeros(1, dtype=dtype)
+
+    def read(self, target: int, disp: int, n: int) -> np.ndarray:
+        """n words from `disp` on `target`, element-wise atomic (Get_accumulate NO_OP)."""
+        buf = self.buf[:n]
+        self.win.Get_accumulate(
+            [self._origin[:n], self.mpi_type],
+            [buf, self.mpi_type],
+            target,
+            (disp, n, self.mpi_type),
+            MPI.NO_OP,
+        )
+        self.win.Flush(target)
+        return buf
+
+    def read1(self, target: int, disp: int) -> int:
+        self.win.Fetch_and_op(
+            [self._one, self.mpi_type], [self._res, self.mpi_type], target, disp, MPI.NO_OP
+        )
+        self.win.Flush(target)
+        return self._res[0].item()
+
+    def write(self, target: int, disp: int, values: np.ndarray, *, flush: bool = True) -> None:
+        """Element-wise atomic write (Accumulate REPLACE); `values` must stay alive until Flush."""
+        self.win.Accumulate(
+            [values, self.mpi_type], target, (disp, values.size, self.mpi_type), MPI.REPLACE
+        )
+        if flush:
+            self.win.Flush(target)
+
+    def add1(self, target: int, disp: int, value: int) -> int:
+        """Atomic fetch-and-add of one word; returns the old value."""
+        self._one[0] = value
+        self.win.Fetch_and_op(
+            [self._one, self.mpi_type], [self._res, self.mpi_type], target, disp, MPI.SUM
+        )
+        self.win.Flush(target)
+        return self._res[0].item()
+
+    def cas1(self, target: int, disp: int, compare: int, value: int) -> int:
+        """Atomic compare-and-swap of one word; returns the old value."""
+        self._one[0], self._cmp[0] = value, compare
+        self.win.Compare_and_swap(
+            [self._one, self.mpi_type],
+            [self._cmp, self.mpi_type],
+            [self._res, self.mpi_type],
+            target,
+            disp,
+        )
+        self.win.Flush(target)
+        return self._res[0].item()
+
+
 class PSClient:
     """Worker-side endpoint: pull parameters, push gradients, wait for acks."""
 
@@ -274,18 +379,20 @@ class PSClient:
         S = self.topo.n_servers
         self.seq = 0  # pushes issued by this worker (same on every server)
         self.versions = np.zeros(S, dtype=np.int64)
-        self._hdr = np.zeros(win.hdr_words, dtype=np.int64)
-        self._hdr3 = np.zeros(3, dtype=np.int64)  # VERSION PHASE SAMPLES (accumulate mode)
+        self._hwords = _Words(win.pwin, win.hdr_words)  # header words (pwin, bytes: disp in bytes)
+        self._mwords = _Words(win.cwin, MB_WORDS)  # mailbox words
         self._meta = np.zeros(MB_WORDS - PULLED, dtype=np.int64)  # words PULLED..HI
         self._seq_buf = np.zeros(1, dtype=np.int64)
-        self._one = np.zeros(1, dtype=np.int64)
-        self._ack = np.zeros(1, dtype=np.int64)
         self._acks = [0] * S  # last ACK_SEQ seen per server
         self._pushed_at = 0.0  # monotonic time of the last push
         self._wait_ema = 0.0  # seconds from a push to its ack, smoothed
         self._stats = np.zeros(ST_WORDS, dtype=np.float64)
+        self._stats_words = _Words(win.cwin, ST_WORDS, np.float64)
         self.bytes_pulled = 0
         self.bytes_pushed = 0
+        self.retries = 0  # pulls read again because a write overlapped them
+        self.in_pull = None  # test hooks: called inside a pull / a push (kill tests)
+        self.in_push = None
 
     def _parts(self, lo: int, hi: int):
         """(server, a, b) for every server shard intersecting [lo, hi)."""
@@ -294,26 +401,26 @@ class PSClient:
             yield s, a, b, blo
 
     def header(self, server: int = 0) -> np.ndarray:
-        """The header words of `server` (VERSION, PHASE, SAMPLES, STOP, MEMBERS, DEAD...)."""
-        pwin, hdr = self.w.pwin, self._hdr
-        pwin.Lock(server, MPI.LOCK_SHARED)
-        pwin.Get([hdr, MPI.INT64_T], server, (0, hdr.size, MPI.INT64_T))
-        pwin.Unlock(server)
-        return hdr.copy()
+        """The header words of `server` (VERSION, PHASE, SAMPLES, STOP, MEMBERS, ...).
+
+        Element-wise atomic; not a snapshot of all words together (see `pull`)."""
+        return self._hwords.read(server, 0, self.w.hdr_words).copy()
+
+    def _deadline_check(self, t0: float, what: str, server: int) -> None:
+        if time.monotonic() - t0 > self.timeout_s:
+            raise PSTimeout(
+                f"server rank {server}: {what} did not complete within {self.timeout_s:.0f}s "
+                f"(is the server alive?)"
+            )
 
     def pull(self, out: np.ndarray, lo: int, hi: int) -> PullInfo:
         """Copy parameters [lo, hi) into out[lo:hi]; one consistent snapshot per shard."""
         _check(out, np.float32, self.w.size)
-        pwin, hdr = self.w.pwin, self._hdr
+        pwin = self.w.pwin
         hb = self.w.hdr_bytes
         info = None
         for s, a, b, blo in self._parts(lo, hi):
-            pwin.Lock(s, MPI.LOCK_SHARED)
-            pwin.Get([hdr, MPI.INT64_T], s, (0, hdr.size, MPI.INT64_T))
-            if b > a:
-                view = out[a:b]
-                pwin.Get([view, MPI.FLOAT], s, (hb + 4 * (a - blo), b - a, MPI.FLOAT))
-            pwin.Unlock(s)
+            hdr = self._read_consistent(s, out, a, b, hb + 4 * (a - blo))
             self.versions[s] = hdr[VERSION]
             self.bytes_pulled += 4 * max(b - a, 0)
             if s == 0:
@@ -325,22 +432,34 @@ class PSClient:
                     int(hdr[MEMBERS]),
                     dead_set(hdr, self.topo.n_workers),
                 )
+        del pwin
         info.versions = self.versions.copy()
         return info
 
+    def _read_consistent(self, s: int, out: np.ndarray, a: int, b: int, disp: int) -> np.ndarray:
+        """Seqlock read of server s: header words and out[a:b]; retried until SEQ is stable."""
+        pwin, words = self.w.pwin, self._hwords
+        t0, pause = time.monotonic(), 1e-5
+        while True:
+            seq1 = words.read1(s, 8 * SEQ)
+            if seq1 % 2 == 0:
+                hdr = words.read(s, 0, self.w.hdr_words)  # flushed: complete
+                if b > a:
+                    view = out[a:b]
+                    pwin.Get([view, MPI.FLOAT], s, (disp, b - a, MPI.FLOAT))
+                    if self.in_pull is not None:
+                        self.in_pull()
+                    pwin.Flush(s)
+                if words.read1(s, 8 * SEQ) == seq1:
+                    return hdr
+            self.retries += 1
+            self._deadline_check(t0, "a consistent parameter read", s)
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
     def acked(self, server: int) -> int:
         """ACK_SEQ of this worker's mailbox on `server` (atomic read)."""
-        cwin = self.w.cwin
-        cwin.Lock(server, MPI.LOCK_SHARED)
-        cwin.Fetch_and_op(
-            [self._one, MPI.INT64_T],
-            [self._ack, MPI.INT64_T],
-            server,
-            self.me * MB_WORDS + ACK_SEQ,
-            MPI.NO_OP,
-        )
-        cwin.Unlock(server)
-        self._acks[server] = int(self._ack[0])
+        self._acks[server] = self._mwords.read1(server, self.me * MB_WORDS + ACK_SEQ)
         return self._acks[server]
 
     def wait(self, ts: int | None = None) -> None:
@@ -372,6 +491,19 @@ class PSClient:
                 time.sleep(5e-5)
         self._wait_ema = 0.8 * self._wait_ema + 0.2 * (time.monotonic() - self._pushed_at)
 
+    def _acquire(self, server: int) -> None:
+        """Take the MUTEX word of `server` (accumulate mode), spinning with back-off."""
+        words, me = self._hwords, self.me + 1
+        t0, pause = time.monotonic(), 1e-5
+        while words.cas1(server, 8 * MUTEX, 0, me) != 0:
+            self._deadline_check(t0, "the parameter mutex", server)
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
+    def _release(self, server: int) -> None:
+        self._seq_buf[0] = 0
+        self._hwords.write(server, 8 * MUTEX, self._seq_buf)
+
     def accumulate(
         self,
         delta: np.ndarray,
@@ -385,40 +517,41 @@ class PSClient:
     ) -> int:
         """`[ps] mode = "accumulate"`: add `delta` (= params[lo:hi] increment) on server 0.
 
-        One exclusive-lock epoch: read VERSION/PHASE/SAMPLES, and only if the
-        phase is still ours, not yet complete, and the push is within the
-        staleness bound, MPI_Accumulate(SUM) the increment and advance VERSION
-        and SAMPLES.  Pullers hold a shared lock, so they never see half of it;
-        the update is complete at the target when this returns (read-your-writes
-        without waiting for the server).  A non-finite delta is never sent.  The
-        outcome goes to the mailbox like a push, so the server counts it.
-        Returns the result code (APPLIED, REJECTED_*).
+        Under the MUTEX word: read VERSION/PHASE/SAMPLES, and only if the phase
+        is still ours, not yet complete, and the push is within the staleness
+        bound, make SEQ odd, MPI_Accumulate(SUM) the increment, advance VERSION
+        and SAMPLES, make SEQ even.  Pullers' seqlock reads never keep half of
+        it; the update is complete at the target when this returns
+        (read-your-writes without waiting for the server).  A non-finite delta
+        is never sent.  The outcome goes to the mailbox like a push, so the
+        server counts it.  Returns the result code (APPLIED, REJECTED_*).
         """
         if delta.dtype != np.float32 or delta.shape != (hi - lo,):
             raise TypeError(f"delta must be float32[{hi - lo}], got {delta.dtype}{delta.shape}")
         self.wait(self.seq)  # the server has counted our previous push (mailbox is free)
-        pwin, hdr = self.w.pwin, self._hdr3
+        pwin, words = self.w.pwin, self._hwords
         before = -1
         if not np.isfinite(np.dot(delta, delta)):
             result = REJECTED_NONFINITE
         else:
-            pwin.Lock(0, MPI.LOCK_EXCLUSIVE)
-            pwin.Get([hdr, MPI.INT64_T], 0, (0, 3, MPI.INT64_T))
-            pwin.Flush(0)
+            self._acquire(0)
+            hdr = words.read(0, 0, 3).copy()  # VERSION PHASE SAMPLES
             before = int(hdr[VERSION])
             if hdr[PHASE] != phase or hdr[SAMPLES] >= phase_samples:
                 result = REJECTED_PHASE
             elif staleness_bound and before - self.versions[0] > staleness_bound:
                 result = REJECTED_STALE
             else:
+                words.add1(0, 8 * SEQ, 1)  # odd: a write is under way
                 disp = (self.w.hdr_bytes + 4 * lo, hi - lo, MPI.FLOAT)
                 pwin.Accumulate([delta, MPI.FLOAT], 0, disp, MPI.SUM)
-                hdr[VERSION] += 1
-                hdr[SAMPLES] += n_samples
-                pwin.Put([hdr, MPI.INT64_T], 0, (0, 3, MPI.INT64_T))
+                pwin.Flush(0)
+                words.add1(0, 8 * VERSION, 1)
+                words.add1(0, 8 * SAMPLES, n_samples)
+                words.add1(0, 8 * SEQ, 1)  # even: complete
                 self.bytes_pushed += 4 * (hi - lo)
                 result = APPLIED
-            pwin.Unlock(0)
+            self._release(0)
         self._record(0, (self.versions[0], n_samples, phase, result, before, 0))
         self._pushed()
         return result
@@ -436,31 +569,27 @@ class PSClient:
         for s, a, b, blo in self._parts(lo, hi):
             if b > a:
                 view = grad[a:b]
-                swin.Lock(s, MPI.LOCK_SHARED)
                 swin.Put([view, MPI.FLOAT], s, (self.me * n_s_all[s] + (a - blo), b - a, MPI.FLOAT))
-                swin.Unlock(s)  # the gradient is complete at the target before the seq bump
+                if self.in_push is not None:
+                    self.in_push()
+                swin.Flush(s)  # the gradient is complete at the target before the seq bump
                 self.bytes_pushed += 4 * (b - a)
             off = (a - blo, b - blo) if b > a else (0, 0)  # an empty part is (0, 0)
             self._record(s, (self.versions[s], n_samples, phase, 0, *off))
         return self._pushed()
 
     def _record(self, s: int, words: tuple) -> None:
-        """One epoch on server s: mailbox words PULLED..HI, flush, then PUSH_SEQ = seq + 1.
+        """Mailbox words PULLED..HI on server s, flush, then PUSH_SEQ = seq + 1.
 
         Atomic writes; the words are complete at the target before the bump
         that makes the push visible.
         """
-        meta, seq_buf, cwin = self._meta, self._seq_buf, self.w.cwin
+        meta, seq_buf, mw = self._meta, self._seq_buf, self._mwords
         base = self.me * MB_WORDS
         meta[:] = words
         seq_buf[0] = self.seq + 1
-        cwin.Lock(s, MPI.LOCK_SHARED)
-        cwin.Accumulate(
-            [meta, MPI.INT64_T], s, (base + PULLED, meta.size, MPI.INT64_T), MPI.REPLACE
-        )
-        cwin.Flush(s)
-        cwin.Accumulate([seq_buf, MPI.INT64_T], s, (base + PUSH_SEQ, 1, MPI.INT64_T), MPI.REPLACE)
-        cwin.Unlock(s)
+        mw.write(s, base + PULLED, meta)
+        mw.write(s, base + PUSH_SEQ, seq_buf)
 
     def _pushed(self) -> int:
         """Every server has the new push record: advance our sequence number."""
@@ -470,21 +599,9 @@ class PSClient:
 
     def last_results(self) -> list[int]:
         """RESULT word of this worker's last push on every server (after `wait`)."""
-        out = []
-        res = np.zeros(1, dtype=np.int64)
-        cwin = self.w.cwin
-        for s in range(self.topo.n_servers):
-            cwin.Lock(s, MPI.LOCK_SHARED)
-            cwin.Fetch_and_op(
-                [self._one, MPI.INT64_T],
-                [res, MPI.INT64_T],
-                s,
-                self.me * MB_WORDS + RESULT,
-                MPI.NO_OP,
-            )
-            cwin.Unlock(s)
-            out.append(int(res[0]))
-        return out
+        return [
+            self._mwords.read1(s, self.me * MB_WORDS + RESULT) for s in range(self.topo.n_servers)
+        ]
 
     def report(self, **fields: float) -> None:
         """Write this worker's stats row on server rank 0 (atomic words)."""
@@ -492,11 +609,8 @@ class PSClient:
         for name, value in fields.items():
             st[_STAT_INDEX[name]] = value
         st[HEARTBEAT] = time.time()
-        cwin = self.w.cwin
         base = self.topo.n_workers * MB_WORDS + self.me * ST_WORDS
-        cwin.Lock(0, MPI.LOCK_SHARED)
-        cwin.Accumulate([st, MPI.DOUBLE], 0, (base, ST_WORDS, MPI.DOUBLE), MPI.REPLACE)
-        cwin.Unlock(0)
+        self._stats_words.write(0, base, st)
 
 
 _STAT_INDEX = {
@@ -521,7 +635,7 @@ class Push:
     lo: int  # offsets into this server's shard (accumulate mode: lo = VERSION it was added to)
     hi: int
     grad: np.ndarray | None  # view into the slot, valid until ack (None: accumulate mode)
-    result: int = 0  # accumulate mode: the outcome the worker reached under the lock
+    result: int = 0  # accumulate mode: the outcome the worker reached under the mutex
 
 
 class PSServer:
@@ -538,47 +652,87 @@ class PSServer:
         self.params = pmem[win.hdr_bytes :].view(np.float32)
         smem = np.frombuffer(win.swin.tomemory(), dtype=np.float32)
         self.slots = smem.reshape(K, n_s) if smem.size else None  # None: accumulate mode
-        self._mb = np.zeros((K, MB_WORDS), dtype=np.int64)
-        self._mb_origin = np.zeros_like(self._mb)  # ignored by NO_OP; must not alias the result
-        self._stats = np.zeros((K, ST_WORDS), dtype=np.float64)
-        self._stats_origin = np.zeros_like(self._stats)
+        self.accumulate_mode = self.slots is None
+        self._mwords = _Words(win.cwin, K * MB_WORDS)
+        self._swords = _Words(win.cwin, K * ST_WORDS, np.float64)
+        self._hwords = _Words(win.pwin, win.hdr_words)
         self._word = np.zeros(1, dtype=np.int64)
-        self._hdr_remote = np.zeros(win.hdr_words, dtype=np.int64)
+        self._ack_word = np.zeros(1, dtype=np.int64)
         self._acked = np.zeros(K, dtype=np.int64)
+        self._writing = False
+        # accumulate mode: called with the worker holding the MUTEX when a write has
+        # waited for it over a second (the server checks that worker's heartbeat)
+        self.on_stuck = None
 
-    # parameters and header: writers hold the exclusive lock
-    def lock_params(self) -> None:
-        self.w.pwin.Lock(self.me, MPI.LOCK_EXCLUSIVE)
+    # parameters and header: one writer at a time, seqlock for the readers
+    def begin_write(self) -> None:
+        """Start changing this rank's header words or parameters (local stores follow).
 
-    def unlock_params(self) -> None:
-        self.w.pwin.Unlock(self.me)
+        SEQ becomes odd, so pulls that overlap read again.  In accumulate mode
+        the workers write too: take the MUTEX first (a worker that died holding
+        it has been taken over by `break_mutex`).
+        """
+        if self.accumulate_mode:
+            t0 = last = time.monotonic()
+            pause = 1e-5
+            while (holder := self._hwords.cas1(self.me, 8 * MUTEX, 0, SERVER_MUTEX_ID)) != 0:
+                now = time.monotonic()
+                if self.on_stuck is not None and now - last > 1.0 and holder != SERVER_MUTEX_ID:
+                    last = now
+                    self.on_stuck(int(holder) - 1)  # may find the holder dead: break_mutex
+                if now - t0 > 600:
+                    raise PSTimeout("the parameter mutex stayed taken for 600 s")
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
+        w = self.w.pwin
+        w.Sync()  # see what remote accumulates wrote before we store over it
+        self.header[SEQ] += 1
+        w.Sync()  # SEQ odd is visible before any of the stores that follow
+        self._writing = True
+
+    def end_write(self) -> None:
+        w = self.w.pwin
+        w.Sync()  # the stores are visible before SEQ says they are complete
+        self.header[SEQ] += 1
+        w.Sync()
+        self._writing = False
+        if self.accumulate_mode:
+            self._word[0] = 0
+            self._hwords.write(self.me, 8 * MUTEX, self._word)
+
+    def break_mutex(self, worker: int) -> bool:
+        """Accumulate mode: take the MUTEX back from `worker`, which died holding it.
+
+        Its increment may be partly added; SEQ is made even so pulls succeed again.
+        Returns True if the worker held it.
+        """
+        if not self.accumulate_mode:
+            return False
+        if self._hwords.cas1(self.me, 8 * MUTEX, worker + 1, SERVER_MUTEX_ID) != worker + 1:
+            return False
+        w = self.w.pwin
+        w.Sync()
+        if self.header[SEQ] % 2:
+            self.header[SEQ] += 1
+        w.Sync()
+        self._word[0] = 0
+        self._hwords.write(self.me, 8 * MUTEX, self._word)
+        return True
 
     def read_counters(self) -> tuple[int, int]:
         """(VERSION, SAMPLES) of this rank's header (accumulate mode: workers advance them)."""
-        self.w.pwin.Lock(self.me, MPI.LOCK_SHARED)
-        out = int(self.header[VERSION]), int(self.header[SAMPLES])
-        self.w.pwin.Unlock(self.me)
-        return out
+        hdr = self._hwords.read(self.me, 0, 3)
+        return int(hdr[VERSION]), int(hdr[SAMPLES])
 
     def poll(self) -> list[Push]:
         """Pending pushes (PUSH_SEQ > ACK_SEQ), oldest worker first."""
-        cwin, mb = self.w.cwin, self._mb
-        cwin.Lock(self.me, MPI.LOCK_SHARED)
-        cwin.Get_accumulate(
-            [self._mb_origin, MPI.INT64_T],
-            [mb, MPI.INT64_T],
-            self.me,
-            (0, mb.size, MPI.INT64_T),
-            MPI.NO_OP,
-        )
-        cwin.Unlock(self.me)
+        K = self.topo.n_workers
+        mb = self._mwords.read(self.me, 0, K * MB_WORDS).reshape(K, MB_WORDS)
         pending = np.flatnonzero(mb[:, PUSH_SEQ] > self._acked)
         if pending.size == 0:
             return []
         if self.slots is not None:
-            self.w.swin.Lock(self.me, MPI.LOCK_SHARED)
             self.w.swin.Sync()  # make the workers' completed Puts visible to our loads
-            self.w.swin.Unlock(self.me)
         out = []
         for w in pending:
             row = mb[w]
@@ -600,52 +754,53 @@ class PSServer:
 
     def ack(self, push: Push, result: int) -> None:
         """Record the outcome and free the worker's slot (atomic ACK_SEQ write)."""
-        cwin, word = self.w.cwin, self._word
         base = push.worker * MB_WORDS
-        cwin.Lock(self.me, MPI.LOCK_SHARED)
-        word[0] = result
-        cwin.Accumulate([word, MPI.INT64_T], self.me, (base + RESULT, 1, MPI.INT64_T), MPI.REPLACE)
-        cwin.Flush(self.me)
-        word[0] = push.seq
-        cwin.Accumulate([word, MPI.INT64_T], self.me, (base + ACK_SEQ, 1, MPI.INT64_T), MPI.REPLACE)
-        cwin.Unlock(self.me)
+        self._word[0] = result
+        self._mwords.write(self.me, base + RESULT, self._word)
+        self._ack_word[0] = push.seq
+        self._mwords.write(self.me, base + ACK_SEQ, self._ack_word)
         self._acked[push.worker] = push.seq
 
     def read_stats(self) -> np.ndarray:
         """The workers' stats rows (rank 0), float64[K, ST_WORDS] snapshot."""
-        cwin, st = self.w.cwin, self._stats
-        base = self.topo.n_workers * MB_WORDS
-        cwin.Lock(self.me, MPI.LOCK_SHARED)
-        cwin.Get_accumulate(
-            [self._stats_origin, MPI.DOUBLE],
-            [st, MPI.DOUBLE],
-            self.me,
-            (base, st.size, MPI.DOUBLE),
-            MPI.NO_OP,
-        )
-        cwin.Unlock(self.me)
-        return st.copy()
+        K = self.topo.n_workers
+        st = self._swords.read(self.me, K * MB_WORDS, K * ST_WORDS)
+        return st.reshape(K, ST_WORDS).copy()
 
     def remote_header(self, server: int) -> np.ndarray:
         """Header words of another server rank (followers read rank 0's phase/stop)."""
-        pwin, hdr = self.w.pwin, self._hdr_remote
-        pwin.Lock(server, MPI.LOCK_SHARED)
-        pwin.Get([hdr, MPI.INT64_T], server, (0, hdr.size, MPI.INT64_T))
-        pwin.Unlock(server)
-        return hdr.copy()
+        return self._hwords.read(server, 0, self.w.hdr_words).copy()
 
     def gather_params(self, out: np.ndarray) -> None:
-        """Copy the whole flat vector into `out` (rank 0: own shard + Gets from the others)."""
+        """Copy the whole flat vector into `out` (rank 0: own shard + seqlock reads of the others)."""
         _check(out, np.float32, self.w.size)
-        pwin = self.w.pwin
+        pwin, words = self.w.pwin, self._hwords
         for s, (blo, bhi) in enumerate(self.w.bounds):
             view = out[blo:bhi]
-            pwin.Lock(s, MPI.LOCK_SHARED)
             if s == self.me:
-                view[...] = self.params
-            elif bhi > blo:
-                pwin.Get([view, MPI.FLOAT], s, (self.w.hdr_bytes, bhi - blo, MPI.FLOAT))
-            pwin.Unlock(s)
+                if self.accumulate_mode:  # workers add into it: a consistent copy under the mutex
+                    self.begin_write()
+                    view[...] = self.params
+                    self.end_write()
+                else:  # we are the only writer of our shard
+                    view[...] = self.params
+                continue
+            if bhi <= blo:
+                continue
+            t0 = time.monotonic()
+            while True:
+                seq1 = words.read1(s, 8 * SEQ)
+                if seq1 % 2 == 0:
+                    pwin.Get([view, MPI.FLOAT], s, (self.w.hdr_bytes, bhi - blo, MPI.FLOAT))
+                    pwin.Flush(s)
+                    if words.read1(s, 8 * SEQ) == seq1:
+                        break
+                if time.monotonic() - t0 > 600:
+                    raise PSTimeout(f"server rank {s}: no consistent shard read for 600 s")
+                time.sleep(1e-4)
+
+
+SERVER_MUTEX_ID = 1 << 40  # MUTEX value while a server holds it (workers use index + 1)
 
 
 def _check(arr: np.ndarray, dtype, size: int) -> None:

@@ -64,6 +64,7 @@ class ParameterServer:
         self.accumulate = cfg.ps.mode == "accumulate"  # workers add their own increments
         self.win = rma.Windows(topo, layout.size, slots=not self.accumulate)
         self.ps = rma.PSServer(self.win)
+        self.ps.on_stuck = lambda _holder: self.refresh_workers()  # may mark the holder dead
         self.lo, self.hi = self.ps.lo, self.ps.hi
         names = [layout.phase_name(p) for p in range(layout.done_phase + 1)]
         self.state = ServerState(
@@ -89,13 +90,12 @@ class ParameterServer:
         first, version, samples = self._next_nonempty_phase(0), 0, 0
         if resume is not None:
             init_flat, first, version, samples = self._restore(*resume)
-        self.ps.lock_params()
+        self.ps.begin_write()
         self.ps.params[:] = init_flat[self.lo : self.hi]
-        self.ps.header[:] = 0
-        self.ps.header[rma.PHASE] = first
+        self.ps.header[rma.PHASE] = first  # the other words are zero (Windows.zero)
         self.ps.header[rma.VERSION] = version
         self.ps.header[rma.SAMPLES] = samples
-        self.ps.unlock_params()
+        self.ps.end_write()
         self.state.phase, self.state.phase_samples = first, self._phase_samples(first)
         self.state.version, self.state.samples_in_phase = version, samples
         self._shard_state_restored(resume)
@@ -161,10 +161,10 @@ class ParameterServer:
 
     def _set_phase(self, phase: int) -> None:
         st = self.state
-        self.ps.lock_params()
+        self.ps.begin_write()
         self.ps.header[rma.PHASE] = phase
         self.ps.header[rma.SAMPLES] = 0
-        self.ps.unlock_params()
+        self.ps.end_write()
         st.phase, st.samples_in_phase = phase, 0
         st.phase_samples = self._phase_samples(phase)
         self._shard_write_begin()
@@ -190,10 +190,10 @@ class ParameterServer:
     def request_stop(self) -> None:
         """Rank 0, main thread: publish phase `done` + STOP; workers leave at their next pull."""
         st = self.state
-        self.ps.lock_params()
+        self.ps.begin_write()
         self.ps.header[rma.PHASE] = self.layout.done_phase
         self.ps.header[rma.STOP] = 1
-        self.ps.unlock_params()
+        self.ps.end_write()
         st.stopped_in = st.phase_name
         st.phase = self.layout.done_phase
         st.stopped = True
@@ -231,12 +231,12 @@ class ParameterServer:
             lr, mom = hyper(cfg, st.phase, self.layout.n_layers, st.epoch)
             n = sum(p.n_samples for p in accepted)
             self._shard_write_begin()
-            self.ps.lock_params()
+            self.ps.begin_write()
             self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)  # agg is scratch afterwards
             self.ps.header[rma.VERSION] += len(accepted)
             if self.topo.rank == 0:
                 self.ps.header[rma.SAMPLES] += n
-            self.ps.unlock_params()
+            self.ps.end_write()
             self._shard_write_end(st.version + len(accepted))
             st.apply_seconds += time.perf_counter() - t0
             st.last_apply = time.time()
@@ -411,9 +411,9 @@ class ParameterServer:
             if self.on_tick is not None:
                 self.on_tick(self)
         if self.topo.rank == 0:
-            self.ps.lock_params()
+            self.ps.begin_write()
             self.ps.header[rma.STOP] = rma.STOP_ALL  # followers leave their loops
-            self.ps.unlock_params()
+            self.ps.end_write()
         st.done = True
         return st
 
@@ -439,10 +439,12 @@ class ParameterServer:
         """Publish worker w as dead: survivors re-shard its data at their next pull."""
         st = self.state
         st.worker_alive[w] = False
-        self.ps.lock_params()
+        if self.ps.break_mutex(w):  # accumulate mode: it died inside its critical section
+            self.log(f"[server] worker {w} died holding the parameter mutex; taken back")
+        self.ps.begin_write()
         self.ps.header[rma.DEAD + w // 64] |= np.int64(1) << np.int64(w % 64)
         self.ps.header[rma.MEMBERS] += 1
-        self.ps.unlock_params()
+        self.ps.end_write()
         self.log(
             f"[server] worker {w} (rank {self.topo.n_servers + w}) marked dead: {why}; "
             f"its shard is redistributed over {int(st.worker_alive.sum())} workers"

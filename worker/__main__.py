@@ -26,6 +26,12 @@ from dbnps.common.job import check_ranks, check_shards, layout_of, load_data, se
 @click.option("--inject-step-s", type=float, default=0.0, hidden=True)
 @click.option("--inject-die-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-die-after", type=int, default=0, hidden=True)
+@click.option(
+    "--inject-die-in",
+    type=click.Choice(["step", "pull", "push", "startup", "finalize"]),
+    default="step",
+    hidden=True,
+)
 @click.option("--inject-finalize-delay-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-finalize-delay-s", type=float, default=0.0, hidden=True)
 @exit_on_user_error
@@ -55,6 +61,7 @@ def main(config_path, data_dir, **inject) -> None:
         step_s=inject["inject_step_s"],
         die_worker=inject["inject_die_worker"],
         die_after=inject["inject_die_after"],
+        die_in=inject["inject_die_in"],
         finalize_delay_worker=inject["inject_finalize_delay_worker"],
         finalize_delay_s=inject["inject_finalize_delay_s"],
     )

@@ -41,8 +41,11 @@ class Faults:
     sleep_worker: int = -1  # this worker sleeps `sleep_s` per step (a laggard)
     sleep_s: float = 0.0
     step_s: float = 0.0  # every worker sleeps this per step: compute emulated off-CPU (benchmarks)
-    die_worker: int = -1  # this worker SIGKILLs itself after `die_after` steps
+    die_worker: int = -1  # this worker SIGKILLs itself after `die_after` steps (or pulls/pushes)
     die_after: int = 0
+    # where it dies: "step" (between steps), "pull" / "push" (inside that RMA exchange),
+    # "startup" (windows made, before the first heartbeat), "finalize" (inside the exit)
+    die_in: str = "step"
     finalize_delay_worker: int = -1  # this worker enters the end-of-job collective late
     finalize_delay_s: float = 0.0
 
@@ -89,6 +92,7 @@ class Worker:
         accumulate = cfg.ps.mode == "accumulate"  # we run the update rule ourselves
         self.win = rma.Windows(topo, layout.size, slots=not accumulate)
         self.client = rma.PSClient(self.win, timeout_s=cfg.ps.step_timeout_s)
+        self._arm_kill_hooks()
         self.params = layout.zeros()
         self.grad = layout.zeros()
         sums_steps = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
@@ -104,6 +108,23 @@ class Worker:
             self._reshard(set())
         topo.comm.Barrier()  # the server has initialised its parameters
         self.client.report(state=rma.STATE_RUNNING)  # first heartbeat
+
+    def _arm_kill_hooks(self) -> None:
+        """Test hooks: SIGKILL this worker at a chosen point of the protocol."""
+        f = self.faults
+        if f.die_worker != self.me or f.die_in == "step":
+            return
+        if f.die_in == "startup":
+            _die()
+        calls = [0]
+
+        def maybe_die() -> None:
+            calls[0] += 1
+            if calls[0] > f.die_after:
+                _die()
+
+        if f.die_in in ("pull", "push"):
+            setattr(self.client, f"in_{f.die_in}", maybe_die)
 
     def _reshard(self, dead: set[int]) -> bool:
         """Train on shard `position` of the live workers; False if we are the dead one."""
@@ -124,8 +145,8 @@ class Worker:
             time.sleep(f.sleep_s)
         if f.step_s:
             time.sleep(f.step_s)
-        if f.die_worker == self.me and self._steps >= f.die_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if f.die_worker == self.me and f.die_in == "step" and self._steps >= f.die_after:
+            _die()
         self._steps += 1
         if self.sampler is not None:
             return self.sampler.step(self.params, self.grad, epoch=epoch)
@@ -303,4 +324,11 @@ class Worker:
             delay_s=self.faults.finalize_delay_s
             if self.faults.finalize_delay_worker == self.me
             else 0,
+            inside=_die
+            if self.faults.die_worker == self.me and self.faults.die_in == "finalize"
+            else None,
         )
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -4,8 +4,8 @@ Rank 0 is a server, ranks 1.. are workers.  Round 1 creates the job's windows,
 the server fills all of their memory with garbage, frees them, and round 2
 creates them again: `Windows.zero` must leave every byte 0 as the workers see
 it (Get from the server).  Then each worker Accumulates (SUM) its rank into
-the parameters and Put/Get a pattern into its own push slot; every value is
-checked exactly.  Prints `WINDOWS OK` on rank 0.
+the parameters and Put/Get a pattern into its own push slot, inside the job's
+passive epoch (completion by Flush); every value is checked exactly.  Prints `WINDOWS OK` on rank 0.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ def main() -> None:
     hosts = comm.allgather(socket.gethostname())
     win = rma.Windows(topo, N)
     if topo.is_server:  # garbage everywhere, then a fresh set of windows
-        for w in (win.pwin, win.swin, win.cwin):
-            w.Lock(0, MPI.LOCK_EXCLUSIVE)
+        for w in (win.pwin, win.swin, win.cwin):  # inside the job's epoch: store, then sync
             np.frombuffer(w.tomemory(), dtype=np.uint8).fill(0xA5)
-            w.Unlock(0)
+            w.Sync()
     comm.Barrier()
     win.free()
     win = rma.Windows(topo, N)
@@ -40,39 +39,32 @@ def main() -> None:
         par = np.ones(N, dtype=np.float32)
         slots = np.ones(K * N, dtype=np.float32)
         cw = np.ones(2 * K * rma.MB_WORDS, dtype=np.int64)
-        win.pwin.Lock(0, MPI.LOCK_SHARED)
         win.pwin.Get([hdr, MPI.INT64_T], 0, (0, hdr.size, MPI.INT64_T))
         win.pwin.Get([par, MPI.FLOAT], 0, (win.hdr_bytes, N, MPI.FLOAT))
-        win.pwin.Unlock(0)
-        win.swin.Lock(0, MPI.LOCK_SHARED)
+        win.pwin.Flush(0)
         win.swin.Get([slots, MPI.FLOAT], 0, (0, slots.size, MPI.FLOAT))
-        win.swin.Unlock(0)
-        win.cwin.Lock(0, MPI.LOCK_SHARED)
+        win.swin.Flush(0)
         win.cwin.Get([cw, MPI.INT64_T], 0, (0, cw.size, MPI.INT64_T))
-        win.cwin.Unlock(0)
+        win.cwin.Flush(0)
         nonzero = int(np.count_nonzero(hdr) + np.count_nonzero(par))
         nonzero += int(np.count_nonzero(slots) + np.count_nonzero(cw))
         assert nonzero == 0, f"worker {me}: {nonzero} non-zero words after Windows()"
         inc = np.full(N, float(me + 1), dtype=np.float32)
-        win.pwin.Lock(0, MPI.LOCK_EXCLUSIVE)
         win.pwin.Accumulate([inc, MPI.FLOAT], 0, (win.hdr_bytes, N, MPI.FLOAT), MPI.SUM)
-        win.pwin.Unlock(0)
+        win.pwin.Flush(0)
         pattern = np.arange(N, dtype=np.float32) * (me + 1)
-        win.swin.Lock(0, MPI.LOCK_SHARED)
         win.swin.Put([pattern, MPI.FLOAT], 0, (me * N, N, MPI.FLOAT))
-        win.swin.Unlock(0)
+        win.swin.Flush(0)
         back = np.zeros(N, dtype=np.float32)
-        win.swin.Lock(0, MPI.LOCK_SHARED)
         win.swin.Get([back, MPI.FLOAT], 0, (me * N, N, MPI.FLOAT))
-        win.swin.Unlock(0)
+        win.swin.Flush(0)
         assert np.array_equal(back, pattern), f"worker {me}: Put/Get round trip differs"
     comm.Barrier()
     if topo.is_server:
         ps = rma.PSServer(win)
-        ps.lock_params()
+        win.pwin.Sync()  # the workers' accumulates, visible to our loads
         want = K * (K + 1) / 2
         ok = bool(np.all(ps.params == want))
-        ps.unlock_params()
         assert ok, f"Accumulate(SUM): expected {want} everywhere"
         print(f"WINDOWS OK workers={K} hosts={','.join(hosts)}", flush=True)
     comm.Barrier()
