@@ -81,6 +81,9 @@ class PSConfig:
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is marked dead
     exit_timeout_s: float = 60.0  # a rank stuck this long in the end-of-job collective leaves
+    # Divergence: this many pushes in a row rejected as non-finite (no update applied
+    # between them) end the job with exit status 5 instead of spinning for ever.
+    max_nonfinite_in_a_row: int = 100
 
     def every(self, *, pretraining: bool) -> tuple[int, int]:
         """(n_fetch, n_push) of a pretraining or a fine-tuning phase."""
@@ -98,6 +101,9 @@ class RunConfig:
     # 0: off; else fine-tuning stops once an evaluation (validation split if any, else
     # test set) reaches it, and the model saved is the one that reached it.
     target_accuracy: float = 0.0
+    # A mean worker loss above this (or not finite) is divergence: exit status 5.
+    # Chance-level cross-entropy is 2.3 and reconstruction errors are <= 784.
+    max_loss: float = 1000.0
     keep_best: bool = False  # save the best-evaluated model, not the last (needs [data] validation)
     checkpoint_every_s: float = 0.0  # 0: off; else rank 0 checkpoints this often (wall seconds)
     checkpoint_every_updates: int = 0  # 0: off; else rank 0 checkpoints every this many versions
@@ -228,6 +234,8 @@ def validate(cfg: Config) -> None:
         f"[ps] heartbeat_timeout_s must be > 0, got {p.heartbeat_timeout_s}",
     )
     _check(p.exit_timeout_s > 0, f"[ps] exit_timeout_s must be > 0, got {p.exit_timeout_s}")
+    _check(p.max_nonfinite_in_a_row >= 1, "[ps] max_nonfinite_in_a_row must be >= 1")
+    _check(cfg.run.max_loss > 0, f"[run] max_loss must be > 0, got {cfg.run.max_loss}")
     # An evaluation is a forward pass over the split on rank 0: more than 100 per
     # epoch would make the server an evaluator that also trains.
     _check(

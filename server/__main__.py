@@ -109,6 +109,8 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
         if control is not None:
             control.after_run(ps)  # final checkpoint when stopped over gRPC
         ps.finish(out, summary)
+        if ps.state.diverged:
+            sys.exit(5)  # distinct from a crash: supervise does not retry it
     except MPI.Exception as exc:  # a peer died inside a collective (set-up or exit)
         print(f"error: server rank {topo.rank}: MPI error: {exc}", file=sys.stderr, flush=True)
         if job.control is not None:

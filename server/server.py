@@ -17,6 +17,7 @@ the phase schedule follows the SAMPLES word they advance.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -257,7 +258,10 @@ class ParameterServer:
             self.ps.ack(p, res)
             if res == rma.APPLIED:
                 st.worker_applied[p.worker] += 1
+                st.nonfinite_in_a_row = 0
             else:
+                if res == rma.REJECTED_NONFINITE:
+                    st.nonfinite_in_a_row += 1
                 st.worker_rejected[p.worker] += 1
                 name = rma.RESULT_NAMES[res]
                 st.rejected[name] = st.rejected.get(name, 0) + 1
@@ -459,8 +463,31 @@ class ParameterServer:
         done = st.worker_stats[:, rma.STATE] == rma.STATE_DONE
         return bool(np.all(done | ~st.worker_alive))
 
+    def _check_divergence(self) -> None:
+        """Rank 0: a job whose pushes are all non-finite, or whose loss blew up, is over.
+
+        Without this a diverged job runs for ever: every push is rejected, the
+        version stays put, status says "running".  It ends with one `error:`
+        line and exit status 5, which `--restart-on-failure` does not retry (a
+        restart from the last checkpoint would diverge again the same way).
+        """
+        st = self.state
+        if st.diverged or st.phase >= self.layout.done_phase:
+            return
+        limit = self.cfg.ps.max_nonfinite_in_a_row
+        if st.nonfinite_in_a_row >= limit:
+            why = f"{st.nonfinite_in_a_row} pushes in a row had non-finite gradients"
+        elif (st.loss != st.loss or st.loss > self.cfg.run.max_loss) and st.applied_total:
+            why = f"the workers' mean loss is {st.loss:.4g} (bound [run] max_loss = {self.cfg.run.max_loss:g})"
+        else:
+            return
+        st.diverged = f"training diverged in {st.phase_name} at version {st.version}: {why}"
+        print(f"error: {st.diverged}; lower the learning rate", file=sys.stderr, flush=True)
+        self.request_stop()
+
     def _rank0_tick(self) -> None:
         st = self.state
+        self._check_divergence()
         if st.phase == self.layout.finetune_phase and st.epoch >= self._next_eval:
             self._next_eval += self.cfg.run.eval_every_epochs
             self._record()
@@ -603,6 +630,7 @@ class ParameterServer:
                 self.evaluate is not None
                 and st.phase >= self.layout.finetune_phase
                 and not stopped_before
+                and not st.diverged  # its parameters are no model worth a number
             )
             last_acc = float(self.evaluate(self._flat)) if trained else float("nan")
             choice = self.selection.choose(self._flat, st.version, last_acc)
@@ -618,7 +646,9 @@ class ParameterServer:
                 "test_accuracy": st.test_accuracy,
             }
             result = st.summary()
-            if out is not None:
+            if out is not None and st.diverged:
+                self.log(f"no model written: {st.diverged}")
+            elif out is not None:
                 from dbnps.common.model import save_model
 
                 save_model(out, self.layout, choice.params, self.cfg, {"summary": result})

@@ -48,6 +48,8 @@ class ServerState:
     done: bool = False  # every worker has left
     stopped: bool = False  # ended by a stop request, not by the schedule
     stopped_in: str = ""  # the phase a stop request came in
+    nonfinite_in_a_row: int = 0  # pushes rejected as non-finite since the last applied one
+    diverged: str = ""  # why the job was ended as diverged ("" if it was not)
     history: list[dict] = field(default_factory=list)
     # per worker (index = worker number, world rank = n_servers + index)
     worker_applied: np.ndarray = field(init=False)
@@ -118,6 +120,7 @@ class ServerState:
             "eval_accuracy": self.eval_accuracy,
             "saved": self.saved,
             "stopped_in": self.stopped_in,
+            "diverged": self.diverged,
             "dead_workers": [int(w) for w in np.flatnonzero(~self.worker_alive)],
             "loss": self.loss,
             "wall_s": round(time.time() - self.start_time, 3),
