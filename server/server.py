@@ -477,10 +477,14 @@ class ParameterServer:
         limit = self.cfg.ps.max_nonfinite_in_a_row
         if st.nonfinite_in_a_row >= limit:
             why = f"{st.nonfinite_in_a_row} pushes in a row had non-finite gradients"
-        elif (st.loss != st.loss or st.loss > self.cfg.run.max_loss) and st.applied_total:
-            why = f"the workers' mean loss is {st.loss:.4g} (bound [run] max_loss = {self.cfg.run.max_loss:g})"
         else:
-            return
+            stats = st.worker_stats
+            stepped = stats[:, rma.STEPS] > 0  # a loss was computed and reported
+            loss = float(np.mean(stats[stepped, rma.LOSS])) if stepped.any() else 0.0
+            bound = self.cfg.run.max_loss
+            if not (loss > bound or loss != loss):
+                return
+            why = f"the workers' mean loss is {loss:.4g} (bound [run] max_loss = {bound:g})"
         st.diverged = f"training diverged in {st.phase_name} at version {st.version}: {why}"
         print(f"error: {st.diverged}; lower the learning rate", file=sys.stderr, flush=True)
         self.request_stop()
