@@ -121,7 +121,10 @@ def run_cmd(
 
 def outcome(summary_path: Path) -> str:
     """One line: what the job saved, how it scored, and what the server applied."""
-    s = json.loads(summary_path.read_text())
+    try:
+        s = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:  # mpiexec said 0 but the server wrote no summary
+        raise UserError(f"the job ended without a summary ({summary_path}: {exc})") from None
     saved = s.get("saved") or {}
     acc = s["test_accuracy"]
     score = f"test accuracy {acc:.4f}" if acc == acc else "not fine-tuned (no test accuracy)"
