@@ -569,8 +569,11 @@ def find_resumable(
             bad.append(p.name)
             why = str(exc).removeprefix(f"{p}: ")
             if quarantine:
-                p.rename(p.with_name(p.name + ".corrupt"))
-                why += f"; renamed to {p.name}.corrupt"
+                try:
+                    p.rename(p.with_name(p.name + ".corrupt"))
+                    why += f"; renamed to {p.name}.corrupt"
+                except OSError as err:  # a read-only folder: skip it all the same
+                    why += f"; could not rename it ({err.strerror or err})"
             warn(f"warning: skipping corrupt checkpoint {p}: {why}")
             continue
         return p, loaded

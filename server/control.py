@@ -324,6 +324,11 @@ class ControlPlane:
                     snap = ckpt.snapshot(ps.checkpoint_state(), job_id=self.job_id, **req.args)
                     req.future.set_result(snap)
                 elif req.kind == "stop":
+                    # Tells the supervisor a non-zero exit from here on is no failure to
+                    # restart.  Written here, when the stop takes effect: written before
+                    # the request was accepted, a refused Stop left it behind, and a
+                    # later crash was taken for a requested stop (no restart).
+                    (self.run_dir / STOP_MARKER).touch()
                     if not ps.state.stopped:
                         if ps.state.phase < ps.layout.done_phase:
                             self._stop_phase = ps.state.phase
@@ -339,7 +344,8 @@ class ControlPlane:
     def _submit(self, kind: str, timeout_s: float, **args):
         with self._lock:
             if self._closed and kind == "stop":
-                return None  # finishing anyway; the caller waits for the final checkpoint
+                (self.run_dir / STOP_MARKER).touch()  # accepted: the job is ending anyway
+                return None  # the caller waits for the final checkpoint
             if self._closed or self.ps is None:
                 state = "finishing" if self._closed else "starting (windows not ready)"
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the job is {state}")
@@ -445,8 +451,6 @@ class ControlPlane:
                 f"timeout_seconds must be in [0, {MAX_TIMEOUT_S:.0f}], got {t}",
             )
         timeout = t or 120.0
-        # Tells the supervisor that a non-zero exit from here on is no failure to restart.
-        (self.run_dir / STOP_MARKER).touch()
         self._submit("stop", min(timeout, self.request_timeout_s))
         self.log("[control] stop requested over gRPC")
         reply = pb.StopReply(stopping=True)

@@ -12,9 +12,10 @@ apply time cover rank 0's shard; versions and updates are the same on every rank
 
 from __future__ import annotations
 
+import threading
 import time
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -198,12 +199,83 @@ def _worker_metrics(st):
     )
 
 
+MAX_CONNECTIONS = 16  # concurrent /metrics connections; more are refused at once
+CONNECTION_TIMEOUT_S = 5.0  # a client silent this long loses its connection (and thread)
+
+
+def _capped_server_class(family):
+    """prometheus-client's thread-per-connection WSGI server, with a cap.
+
+    Its server starts one thread per accepted connection with no bound and no
+    timeout: 200 half-open connections made 220 threads.  Here at most
+    MAX_CONNECTIONS are served at once (a scrape takes milliseconds; Prometheus
+    uses one connection per target); one more is answered `503` and closed
+    without a thread, and each connection's socket times out after
+    CONNECTION_TIMEOUT_S, so silent clients give their slot back.
+    """
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class CappedServer(ThreadingWSGIServer):
+        address_family = family
+        _slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        refused = 0
+        # socketserver listens with a backlog of 5: a burst of connections beyond it
+        # had its SYNs dropped and retried for seconds; refusing fast needs them accepted
+        request_queue_size = 128
+
+        def handle_error(self, request, client_address):
+            pass  # a client that timed out or went away: expected, not worth a traceback
+
+        def process_request(self, request, client_address):
+            if not self._slots.acquire(blocking=False):
+                type(self).refused += 1
+                try:
+                    request.settimeout(1.0)
+                    request.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            request.settimeout(CONNECTION_TIMEOUT_S)
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+    return CappedServer
+
+
 def start_metrics_server(control, bind: str, port: int):
     """Serve /metrics on bind:port (0: any free port). Returns (httpd, actual port)."""
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import _get_best_family, _SilentHandler
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobCollector(control))
     try:
-        httpd, _thread = start_http_server(port, addr=bind, registry=registry)
+        family, addr = _get_best_family(bind, port)
+        httpd = make_server(
+            addr,
+            port,
+            make_wsgi_app(registry),
+            _capped_server_class(family),
+            handler_class=_SilentHandler,
+        )
     except OSError as exc:
-        raise UserError(f"cannot serve metrics on {bind}:{port} (in use?): {exc.strerror}") from exc
+        raise UserError(
+            f"cannot serve metrics on {bind}:{port} (in use?): {exc.strerror or exc}"
+        ) from exc
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     return httpd, httpd.server_port

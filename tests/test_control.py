@@ -365,6 +365,21 @@ def test_graceful_stop(job):
     assert [(r["job_id"], r["state"]) for r in listed] == [(JOB_ID, "exited 0")]
 
 
+def test_run_files_are_private(job):
+    """Like the token: the run dir is 0700 and every file in it 0600 (checkpoints, log,
+    endpoints, job.json, summary, model, exit.json); the Prometheus target stays
+    readable (a Prometheus of another user reads it) while the job runs."""
+    assert job.run_dir.stat().st_mode & 0o777 == 0o700
+    files = [p for p in job.run_dir.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"job.json", "token", "job.log", "exit.json", "summary.json", "model.npz"} <= names
+    assert any(p.parent.name == "checkpoints" for p in files)
+    loose = {str(p.relative_to(job.run_dir)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {k: v for k, v in loose.items() if v != "0o600"} == {}, loose
+    for d in (p for p in job.run_dir.rglob("*") if p.is_dir()):
+        assert d.stat().st_mode & 0o077 == 0, d
+
+
 def test_resume_keeps_the_addresses(job):
     """`start --resume` without port options listens where the resumed run did."""
     res = job.psctl("start", "--resume", job.job_id, "--job-id", "ctl-resumed", "--timeout", "80")
@@ -372,6 +387,8 @@ def test_resume_keeps_the_addresses(job):
     info = json.loads((job.run_dir.parent / "ctl-resumed" / "job.json").read_text())
     try:
         assert (info["grpc"], info["metrics"]) == (job.grpc, job.metrics)
+        # the Prometheus target is the one file meant for another user (Prometheus)
+        assert Path(info["prometheus_target"]).stat().st_mode & 0o777 == 0o644
         text = job.psctl("status", "--run", "ctl-resumed")
         assert text.returncode == 0, text.stderr
         assert "(since resume)" in text.stdout and "resumed from" in text.stdout, text.stdout
@@ -387,23 +404,54 @@ def test_resume_keeps_the_addresses(job):
     )
 
 
+def _self_signed(cert: Path, key: Path) -> None:
+    """A self-signed certificate for 127.0.0.1 (the `cryptography` package, a dev
+    dependency: a fresh machine may have no `openssl` binary, and the test must not skip)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    pk = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    crt = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pk.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(pk, hashes.SHA256())
+    )
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        pk.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
 def test_tls_control_plane(tmp_path):
     """The control plane alone (no MPI): TLS with a self-signed certificate; not-ready answers."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
     from dbnps.common.config import Config
     from dbnps.server.control import ControlPlane
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _self_signed(cert, key)
     cp = ControlPlane(
         Config(),
         job_id="tls",
@@ -457,3 +505,25 @@ def test_control_plane_says_where_it_listens(tmp_path):
         assert "(1/0)" not in text and "0 worker(s)" not in text, text
     finally:
         cp.close(grace_s=0)
+
+
+def test_a_refused_stop_leaves_no_stop_marker(tmp_path):
+    """Stop before the windows exist is refused (UNAVAILABLE): the supervisor must not
+    find a `stop-requested` marker, or it would take a later crash for a requested stop
+    and not restart the job (the marker was written before the request was accepted)."""
+    from dbnps.common.config import Config
+    from dbnps.runfiles import STOP_MARKER
+    from dbnps.server.control import ControlPlane
+
+    cp = ControlPlane(Config(), job_id="early", run_dir=tmp_path, token="t0k", log=lambda *a: None)
+    cp.start()
+    try:
+        with grpc.insecure_channel(cp.grpc_address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pbg.ControlStub(ch).Stop(
+                    pb.StopRequest(), metadata=(("authorization", "Bearer t0k"),), timeout=10
+                )
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        cp.close(grace_s=0)
+    assert not (tmp_path / STOP_MARKER).exists()

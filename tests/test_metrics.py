@@ -267,3 +267,52 @@ def test_supervisor_keeps_the_target_current(tmp_path):
     finally:
         pub.close()
     assert not target.exists()
+
+
+def test_half_open_connections_do_not_grow_threads(tmp_path):
+    """200 clients that connect and send nothing: the server's threads stay capped
+    (was one thread per connection: 220 threads), and once they go, scrapes work."""
+    import socket
+    import threading
+
+    from dbnps.common.config import Config
+    from dbnps.server.control import ControlPlane
+    from dbnps.server.metrics import MAX_CONNECTIONS
+
+    cp = ControlPlane(
+        Config(), job_id="flood", run_dir=tmp_path, metrics_port=0, log=lambda *a: None
+    )
+    cp.start()
+    socks = []
+    try:
+        base = threading.active_count()
+        host, port = cp.metrics_address.rsplit(":", 1)
+        for _ in range(200):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            socks.append(s)
+        time.sleep(1.0)  # let the accept loop take every one
+        grown = threading.active_count() - base
+        print(f"\nthreads for 200 half-open connections: +{grown}")
+        assert grown <= MAX_CONNECTIONS + 1, grown
+        # one over the cap is told so at once, not left hanging
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 503"), "over the cap: no 503"
+        s.close()
+    finally:
+        for s in socks:
+            s.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{cp.metrics_address}/metrics", timeout=5) as r:
+                    assert r.status == 200 and b"dbnps_ready" in r.read()
+                break
+            except urllib.error.HTTPError as exc:  # 503 while the slots drain
+                assert exc.code == 503 and time.monotonic() < deadline
+                time.sleep(0.2)
+        time.sleep(0.5)
+        assert threading.active_count() - base <= 2  # every connection's thread ended
+    finally:
+        cp.close(grace_s=0)

@@ -24,6 +24,10 @@ FORCE_MARKER = "force-stop-requested"  # written by `psctl stop --force` before 
 # exit.json "stopped_by": who ended a job that did not end by itself
 STOPPED_BY_STOP = "psctl stop"
 STOPPED_BY_FORCE = "psctl stop --force"
+# Exit status of a job the server ended because training diverged or made no
+# progress (every push rejected, loss beyond bound): not a crash, not retried
+# by `--restart-on-failure` (dbnps.cli.supervise.restart_decision).
+EXIT_DIVERGED = 5
 TARGETS_DIR = "prometheus"  # under the state dir: one file_sd JSON file per job
 
 
@@ -44,10 +48,20 @@ def write_token(path: Path, token: str) -> None:
         f.write(token + "\n")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Readers (Prometheus' file_sd watcher, psctl) never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+PRIVATE = 0o600  # run files: the owner only, like the token
+PUBLIC = 0o644  # Prometheus targets: read by a Prometheus that may run as another user
+
+
+def write_json_atomic(path: Path, obj, mode: int = PRIVATE) -> None:
+    """Readers (Prometheus' file_sd watcher, psctl) never see a half-written file.
+
+    The file gets exactly `mode` (fchmod: not narrowed by the umask, which the
+    supervisor sets to 077 so every file the job writes is private)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -62,5 +76,7 @@ def write_target(path: Path, metrics: str) -> None:
     and a target label of the same name would rename theirs to `exported_job_id`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, [{"targets": [metrics], "labels": {"launcher": "psctl"}}])
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)  # Prometheus lists it; the supervisor's umask is 077
+    write_json_atomic(path, [{"targets": [metrics], "labels": {"launcher": "psctl"}}], mode=PUBLIC)

@@ -66,8 +66,11 @@ def runs_dir() -> Path:
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    """Atomic, and private to the owner (0600) like every file of a run directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -94,6 +97,34 @@ def pid_alive(pid: int, created: float | None = None) -> bool:
         return created is None or abs(proc.create_time() - created) < 1.5
     except psutil.Error:
         return False
+
+
+def job_pids(info: dict) -> list[int]:
+    """Live processes of a run's session, only if that session is still the job's.
+
+    The session id is the supervisor's pid.  Linux does not hand out a pid while a
+    session of that id has members, so while any process of the job lives, the
+    number names the job's session; once they are all gone, the pid (and with
+    it a new session of the same id) may belong to anyone.  So: when a process
+    with pid `sid` exists but was created at another time than the supervisor
+    (`pid_created`), the session is someone else's and nothing is returned; and
+    only processes created after the supervisor count.
+    """
+    sid, created = info.get("sid"), info.get("pid_created")
+    if not sid:
+        return []
+    pids = session_pids(sid)
+    if created is None:
+        return pids
+    leader = _created(sid)
+    if leader is not None and abs(leader - created) >= 1.5:
+        return []  # the pid was reused: not our session
+    out = []
+    for pid in pids:
+        t = _created(pid)
+        if t is not None and t >= created - 1.5:
+            out.append(pid)
+    return out
 
 
 def session_pids(sid: int) -> list[int]:
@@ -269,7 +300,13 @@ def _target(
     if token is None and (run.dir / "token").exists():
         token = read_token(run.dir / "token")
     if ca is None and run.info.get("tls_cert"):
-        ca = Path(run.info["tls_cert"]).read_bytes()
+        try:
+            ca = Path(run.info["tls_cert"]).read_bytes()
+        except OSError as exc:  # moved or removed since `psctl start`
+            raise UserError(
+                f"job {run.id} serves TLS, but its certificate {run.info['tls_cert']} cannot "
+                f"be read ({exc.strerror}); give the CA with --tls-ca"
+            ) from None
     return Target(address, token, ca, run)
 
 
@@ -343,20 +380,28 @@ def _new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def _kill_session(sid: int, grace_s: float = 5.0) -> int:
-    """SIGTERM every process of the session, SIGKILL what is left after `grace_s`."""
-    pids = session_pids(sid)
+def _kill_session(sid: int, grace_s: float = 5.0, *, created: float | None = None) -> int:
+    """SIGTERM every process of the session, SIGKILL what is left after `grace_s`.
+
+    `created`: the supervisor's creation time (job.json `pid_created`); with it
+    only a session that is still the job's is touched (`job_pids`)."""
+    info = {"sid": sid, "pid_created": created}
+
+    def live() -> list[int]:
+        return job_pids(info)
+
+    pids = live()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while session_pids(sid) and time.monotonic() < deadline:
+    while live() and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in session_pids(sid):
+    for pid in live():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while session_pids(sid) and time.monotonic() < deadline:
+    while live() and time.monotonic() < deadline:
         time.sleep(0.05)
     return len(pids)
 
@@ -473,7 +518,8 @@ def start_cmd(
     root = runs_dir()
     run_dir = root / job_id
     try:
-        run_dir.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700)  # private: token, config, model and logs live here
     except FileExistsError:
         raise UserError(f"run {job_id} exists already in {root}") from None
     token_path = run_dir / "token"
@@ -481,7 +527,8 @@ def start_cmd(
         from dbnps.common.config import to_toml
 
         config = run_dir / "config.toml"
-        config.write_text(to_toml(cfg))
+        with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(to_toml(cfg))
     write_token(token_path, secrets.token_urlsafe(32))
     server_args = [
         "--run-dir",
@@ -514,7 +561,7 @@ def start_cmd(
         placement=placement,
     )
     log = run_dir / "job.log"
-    with open(log, "ab") as logf:
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as logf:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -576,12 +623,16 @@ def start_cmd(
     latest_tmp.unlink(missing_ok=True)
     latest_tmp.symlink_to(job_id)
     os.replace(latest_tmp, root / "latest")
-    ca = tls_cert.read_bytes() if tls_cert else None
+    try:
+        ca = tls_cert.read_bytes() if tls_cert else None
+    except OSError as exc:
+        _kill_session(proc.pid, grace_s=2.0, created=created)
+        raise UserError(f"cannot read {tls_cert}: {exc.strerror}") from None
     deadline = time.monotonic() + timeout
     while True:
         rc = proc.poll()
         if rc is not None:
-            _kill_session(proc.pid, grace_s=2.0)  # ranks mpiexec left behind, if any
+            _kill_session(proc.pid, grace_s=2.0, created=created)  # ranks left behind, if any
             hint = _last_error_line(log)
             raise UserError(
                 f"job {job_id} exited with status {rc} before it was ready; see its log {log}"
@@ -591,7 +642,7 @@ def start_cmd(
         if ep.get("grpc") and _health(ep["grpc"], ca, timeout=1.0) == "SERVING":
             break
         if time.monotonic() > deadline:
-            _kill_session(proc.pid)
+            _kill_session(proc.pid, created=created)
             raise UserError(
                 f"job {job_id} was not ready within {timeout:.0f}s and was stopped; "
                 f"see its log {log}"
@@ -671,6 +722,7 @@ def _resume_source(spec: str) -> dict:
     except (KeyError, TypeError) as exc:
         raise UserError(f"checkpoint {path} has no usable config ({exc})") from None
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    _refuse_running(run)
     return {
         "path": path.resolve(),
         "meta": meta,
@@ -678,6 +730,20 @@ def _resume_source(spec: str) -> dict:
         "n_params": params.size,
         "run": str(run.resolve()),
     }
+
+
+def _refuse_running(run_dir: Path) -> None:
+    """A run that is still running is not resumed: two jobs would train from one
+    checkpoint and write into one checkpoints folder."""
+    try:
+        run = Run(run_dir, {}).reload()
+    except (OSError, ValueError):
+        return  # not a psctl run directory (a copied checkpoint, a `psctl run` folder)
+    if run.running():
+        raise UserError(
+            f"run {run.id} is still running (pid {run.info.get('pid')}): stop it first "
+            f"(`psctl stop --run {run.id}`; its final checkpoint is then resumed)"
+        )
 
 
 def _check_resumable(resumed: dict, cfg, n_params: int) -> None:
@@ -809,11 +875,11 @@ def stop_cmd(run_id, address, token_file, tls_ca, force, timeout) -> None:
             raise UserError("--force needs a run (--run ID), not --address")
         run = find_run(run_id)
         sid = run.info.get("sid")
-        if not sid or not session_pids(sid):
+        if not job_pids(run.info):  # pid reuse: a session of that id may be someone else's
             raise UserError(f"job {run.id} is not running: {run.describe_end()}")
         # Read by the supervisor: the end is the user's doing, not a failure to restart.
         (run.dir / FORCE_MARKER).touch()
-        n = _kill_session(sid)
+        n = _kill_session(sid, created=run.info.get("pid_created"))
         if run.exit_info() is None:  # the supervisor was killed before it could say so
             _write_json(
                 run.dir / "exit.json",
@@ -842,10 +908,10 @@ def stop_cmd(run_id, address, token_file, tls_ca, force, timeout) -> None:
         time.sleep(0.1)
     sid = run.info.get("sid")
     deadline = time.monotonic() + 5
-    while sid and session_pids(sid) and time.monotonic() < deadline:
+    while job_pids(run.info) and time.monotonic() < deadline:
         time.sleep(0.1)  # ranks still exiting after mpiexec
-    if sid and session_pids(sid):
-        n = _kill_session(sid, grace_s=2.0)
+    if job_pids(run.info):
+        n = _kill_session(sid, grace_s=2.0, created=run.info.get("pid_created"))
         click.echo(f"psctl: killed {n} leftover process(es) of job {run.id}", err=True)
     ex = run.exit_info()
     if ex is None:

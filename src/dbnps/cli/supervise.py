@@ -42,18 +42,47 @@ import time
 from pathlib import Path
 
 from dbnps.runfiles import (
+    EXIT_DIVERGED,
     FORCE_MARKER,
     STOP_MARKER,
     STOPPED_BY_FORCE,
     STOPPED_BY_STOP,
+    write_json_atomic,
     write_target,
 )
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)  # atomic and 0600
+
+
+def restart_decision(
+    rc: int, *, stopped: bool, restarts_done: int, max_restarts: int
+) -> tuple[bool, str]:
+    """(relaunch the job?, why not) after mpiexec ended with status `rc`.
+
+    Pure, so the policy is tested without MPI.  Not restarted: a clean end, a
+    stop the user asked for, and exit status 5 (EXIT_DIVERGED): the server ended
+    the job because training diverged or stopped making progress.  A restart
+    would resume the same checkpoint with the same data, config and seeds and
+    diverge again: retrying a deterministic divergence is pointless and only
+    burns the restart budget; the last good checkpoint is kept for a resume
+    with a fixed config.  Every other non-zero status is a crash worth a retry
+    while restarts are left.
+    """
+    if rc == 0:
+        return False, "the job finished"
+    if stopped:
+        return False, "the job was stopped"
+    if rc == EXIT_DIVERGED:
+        return False, (
+            f"the job diverged or made no progress (exit status {rc}); not restarted: "
+            "a restart would repeat it from the same checkpoint, data and seeds "
+            "(fix the config, then `psctl start --resume`)"
+        )
+    if restarts_done >= max_restarts:
+        return False, f"no restarts left ({max_restarts} used)"
+    return True, ""
 
 
 def with_server_args(cmd: list[str], extra: list[str]) -> list[str]:
@@ -119,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    # Every file the job writes (checkpoints, endpoints, summary, model, logs) is the
+    # owner's only, like the token; Prometheus targets are opened up explicitly.
+    os.umask(0o077)
 
     publisher = _TargetPublisher(run_dir / "endpoints.json", targets) if targets else None
     if publisher is not None:
@@ -126,35 +158,48 @@ def main(argv: list[str] | None = None) -> int:
     restarts: list[dict] = []
     original = _original_resume(cmd)
     this_cmd = cmd
-    while True:
-        (run_dir / STOP_MARKER).unlink(missing_ok=True)
-        proc = subprocess.Popen(this_cmd)
-        rc = proc.wait()
-        stopped = bool(signalled) or (run_dir / STOP_MARKER).exists()
-        if rc == 0 or stopped or len(restarts) >= max_restarts:
-            if rc != 0 and not stopped and max_restarts:
-                _log(f"job exited with status {rc}; no restarts left ({max_restarts} used)")
-            break
-        source, version = _restart_point(run_dir, original)
-        n = len(restarts) + 1
-        restarts.append(
-            {
-                "restart": n,
-                "time": time.time(),
-                "returncode": rc,
-                "resumed_from": source,
-                "version": version,
-            }
-        )
-        _write_json(run_dir / "restarts.json", restarts)
-        where = f"{source} (version {version})" if source else "the start (no checkpoint yet)"
-        _log(f"job exited with status {rc}; restart {n}/{max_restarts} from {where}")
-        (run_dir / "endpoints.json").unlink(missing_ok=True)  # the old address is dead
-        extra = ["--restarts", str(n)] + (["--resume", source] if source else [])
-        this_cmd = with_server_args(cmd, extra)
+    rc, failure = 127, None
+    try:
+        while True:
+            (run_dir / STOP_MARKER).unlink(missing_ok=True)
+            proc = subprocess.Popen(this_cmd)
+            rc = proc.wait()
+            stopped = bool(signalled) or (run_dir / STOP_MARKER).exists()
+            again, why = restart_decision(
+                rc, stopped=stopped, restarts_done=len(restarts), max_restarts=max_restarts
+            )
+            if not again:
+                if rc != 0 and not stopped and (max_restarts or rc == EXIT_DIVERGED):
+                    _log(f"job exited with status {rc}; {why}")
+                break
+            source, version = _restart_point(run_dir, original)
+            n = len(restarts) + 1
+            restarts.append(
+                {
+                    "restart": n,
+                    "time": time.time(),
+                    "returncode": rc,
+                    "resumed_from": source,
+                    "version": version,
+                }
+            )
+            _write_json(run_dir / "restarts.json", restarts)
+            where = f"{source} (version {version})" if source else "the start (no checkpoint yet)"
+            _log(f"job exited with status {rc}; restart {n}/{max_restarts} from {where}")
+            (run_dir / "endpoints.json").unlink(missing_ok=True)  # the old address is dead
+            extra = ["--restarts", str(n)] + (["--resume", source] if source else [])
+            this_cmd = with_server_args(cmd, extra)
+    except Exception as exc:  # never end without exit.json: psctl reads the end from it
+        failure = f"{type(exc).__name__}: {exc}"
+        _log(f"error: the supervisor failed: {failure}")
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if publisher is not None:
         publisher.close()
     end = {"returncode": rc, "ended": time.time(), "restarts": len(restarts)}
+    if failure is not None:
+        end["supervisor_error"] = failure
     if (run_dir / FORCE_MARKER).exists():
         end["stopped_by"] = STOPPED_BY_FORCE
     elif (run_dir / STOP_MARKER).exists():
@@ -200,7 +245,7 @@ def _restart_point(run_dir: Path, original: str | None) -> tuple[str | None, int
     try:
         path, (_, _, meta) = find_resumable(run_dir / "checkpoints", warn=_log, quarantine=True)
         return str(path), int(meta["version"])
-    except DataError as exc:
+    except (DataError, OSError) as exc:  # OSError: the folder cannot be read
         if original is None:
             _log(f"{exc}; restarting from scratch")
             return None, None
