@@ -52,7 +52,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.errors import UserError
-from dbnps.runfiles import STOP_MARKER, read_token, write_json_atomic, write_token
+from dbnps.runfiles import (
+    STOP_MARKER,
+    read_advertise,
+    read_token,
+    write_json_atomic,
+    write_token,
+)
 from dbnps.server import checkpoint as ckpt
 from dbnps.server.state import STALENESS_BUCKETS, ServerState
 from dbnps.v1 import control_pb2 as pb
@@ -152,8 +158,17 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def connect_host(bind: str) -> str:
-    """The address a local client uses to reach a server bound to `bind`."""
+def connect_host(bind: str, advertise: str | None = None) -> str:
+    """The address clients use to reach a server bound to `bind`.
+
+    A wildcard bind is reached at loopback from this host (single-host jobs, as
+    before), or at `advertise` when the server runs on another host than the
+    one psctl launched from (`psctl start --hosts ...` writes the placement's
+    server host to the run dir's ADVERTISE_FILE): 127.0.0.1 there would point
+    psctl at its own machine.
+    """
+    if bind in ("", "0.0.0.0", "::", "[::]") and advertise:
+        return advertise
     if bind in ("", "0.0.0.0"):
         return "127.0.0.1"
     if bind in ("::", "[::]"):
@@ -178,12 +193,15 @@ class ControlPlane:
         request_timeout_s: float = 60.0,
         n_servers: int = 1,
         n_workers: int = 0,
+        advertise: str | None = None,
         log=print,
     ):
         self.cfg = cfg
         self.job_id = job_id
         self.run_dir = Path(run_dir)
         self.bind = bind
+        # the host name clients elsewhere reach a wildcard bind by (None: loopback)
+        self.advertise = advertise if advertise is not None else read_advertise(self.run_dir)
         self.grpc_port = grpc_port
         self.metrics_port = metrics_port
         self._token = token.encode() if token else None
@@ -238,12 +256,12 @@ class ControlPlane:
             raise UserError(f"cannot listen on {target} for gRPC (address in use or not local)")
         server.start()
         self._server = server
-        self.grpc_address = host_port(connect_host(self.bind), port)
+        self.grpc_address = host_port(connect_host(self.bind, self.advertise), port)
         if self.metrics_port is not None:
             from dbnps.server.metrics import start_metrics_server
 
             self._metrics_httpd, mport = start_metrics_server(self, self.bind, self.metrics_port)
-            self.metrics_address = host_port(connect_host(self.bind), mport)
+            self.metrics_address = host_port(connect_host(self.bind, self.advertise), mport)
         write_json_atomic(
             self.run_dir / "endpoints.json",
             {
@@ -260,8 +278,9 @@ class ControlPlane:
         msg = f"[control] gRPC listening on {host_port(self.bind or '0.0.0.0', port)}"
         if self.metrics_address:
             msg += f", metrics on http://{host_port(self.bind or '0.0.0.0', mport)}/metrics"
-        if connect_host(self.bind) != self.bind:
-            msg += f" (all interfaces; from this host: {self.grpc_address})"
+        if connect_host(self.bind, self.advertise) != self.bind:
+            where = "advertised as" if self.advertise else "from this host:"
+            msg += f" (all interfaces; {where} {self.grpc_address})"
         self.log(msg)
 
     def attach(self, ps) -> None:

@@ -527,3 +527,38 @@ def test_a_refused_stop_leaves_no_stop_marker(tmp_path):
     finally:
         cp.close(grace_s=0)
     assert not (tmp_path / STOP_MARKER).exists()
+
+
+def test_a_remote_wildcard_server_advertises_its_host_name(tmp_path):
+    """`psctl start --hosts` with the server on another host writes that host's name to
+    the run dir; rank 0 bound to 0.0.0.0 then advertises it in endpoints.json (was
+    127.0.0.1: psctl on the launching host would dial itself).  Here the "other host"
+    is this machine under its own name, so a client can follow the address."""
+    from dbnps.common.config import Config
+    from dbnps.runfiles import write_advertise
+    from dbnps.server.control import ControlPlane
+
+    host = socket.gethostname()
+    write_advertise(tmp_path, host)
+    lines: list[str] = []
+    cp = ControlPlane(
+        Config(), job_id="far", run_dir=tmp_path, bind="0.0.0.0", metrics_port=0, log=lines.append
+    )
+    cp.start()
+    try:
+        ep = json.loads((tmp_path / "endpoints.json").read_text())
+        assert ep["grpc"].rsplit(":", 1)[0] == host, ep
+        assert ep["metrics"].rsplit(":", 1)[0] == host, ep
+        assert any(f"advertised as {host}:" in x for x in lines), lines
+        with grpc.insecure_channel(ep["grpc"]) as ch:
+            s = pbg.ControlStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+        assert s.job_id == "far"
+    finally:
+        cp.close(grace_s=0)
+    # an explicit bind address is advertised as it is, file or not
+    cp = ControlPlane(Config(), job_id="lo", run_dir=tmp_path, bind="127.0.0.1", log=lines.append)
+    cp.start()
+    try:
+        assert cp.grpc_address.startswith("127.0.0.1:")
+    finally:
+        cp.close(grace_s=0)

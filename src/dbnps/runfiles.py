@@ -31,6 +31,23 @@ EXIT_DIVERGED = 5
 TARGETS_DIR = "prometheus"  # under the state dir: one file_sd JSON file per job
 
 
+ADVERTISE_FILE = "advertise"  # in the run dir: host name a remote rank 0 is reached by
+
+
+def write_advertise(run_dir: Path, host: str) -> None:
+    """psctl start, for a server placed on another host: the name to advertise."""
+    write_json_atomic(Path(run_dir) / ADVERTISE_FILE, {"host": host})
+
+
+def read_advertise(run_dir: Path) -> str | None:
+    """Rank 0: the host name to advertise for a wildcard bind, or None (loopback)."""
+    try:
+        host = json.loads((Path(run_dir) / ADVERTISE_FILE).read_text()).get("host")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return host if isinstance(host, str) and host else None
+
+
 def read_token(path: Path) -> str:
     try:
         token = Path(path).read_text().strip()

@@ -45,6 +45,7 @@ from dbnps.runfiles import (
     STOPPED_BY_FORCE,
     read_token,
     target_file,
+    write_advertise,
     write_target,
     write_token,
 )
@@ -530,6 +531,8 @@ def start_cmd(
         with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(to_toml(cfg))
     write_token(token_path, secrets.token_urlsafe(32))
+    if remote_server:  # rank 0 advertises this name for a wildcard bind, not 127.0.0.1
+        write_advertise(run_dir, placement.servers[0])
     server_args = [
         "--run-dir",
         str(run_dir),
