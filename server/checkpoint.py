@@ -234,13 +234,16 @@ class CheckpointStore:
             finally:
                 tmp.unlink(missing_ok=True)
             _fsync_dir(self.dir)
+            size = final.stat().st_size
+            # After the stat: a snapshot older than `keep` newer ones (an RPC's, written
+            # after the periodic writer's) is pruned at once, and stat-ing it then failed.
             self._prune()
             dt = time.perf_counter() - t0
             info = CheckpointInfo(
                 path=final,
                 version=int(snap.meta["version"]),
                 phase=str(snap.meta["phase_name"]),
-                size_bytes=final.stat().st_size,
+                size_bytes=size,
                 created_unix=float(snap.meta["created_unix"]),
                 sha256=digest,
                 duration_s=dt,

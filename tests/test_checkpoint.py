@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +369,65 @@ def test_checkpoint_files_are_private(tmp_path):
     store = _store(tmp_path, versions=(10,))
     assert store.paths()[0].stat().st_mode & 0o777 == 0o600
     assert store.dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_full_disk_fails_the_periodic_checkpoint_and_training_goes_on(tmp_path):
+    """The writer's files may not grow past 20 kB (RLIMIT_FSIZE: a real EFBIG from write,
+    Python ignores SIGXFSZ), like a disk that fills up mid-write: the periodic write
+    fails with one log line, no partial file is left, the older checkpoint is intact,
+    and the caller (the training loop) is not interrupted."""
+    store = _store(tmp_path, versions=(10,))
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_checkpoint import _job_state
+from dbnps.server.checkpoint import CheckpointStore, Periodic
+class PS:
+    def checkpoint_state(self):
+        return _job_state(20)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+p = Periodic(CheckpointStore({str(store.dir)!r}), every_updates=1, log=print)
+p.take(PS())
+p.close()
+print("still training")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "still training", res.stdout
+    [fail] = [x for x in lines if "checkpoint failed" in x]
+    assert "File too large" in fail, fail
+    assert sorted(p.name for p in store.dir.iterdir()) == ["ckpt-10.npz"]
+    load_checkpoint(store.dir / "ckpt-10.npz")
+
+
+def test_an_rpc_checkpoint_racing_a_periodic_write(tmp_path):
+    """Checkpoint RPCs (handler threads) and the periodic writer share one store: writes
+    are serialized, pruning keeps the newest `keep`, every file left loads, no tmp file
+    stays, even when two writers write the same version."""
+    import threading
+
+    store = CheckpointStore(tmp_path / "checkpoints", keep=3)
+    errors = []
+
+    def writer(versions):
+        try:
+            for v in versions:
+                store.write(_snap(v))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(range(10, 40, 2),)),  # "periodic"
+        threading.Thread(target=writer, args=(range(11, 40, 3),)),  # "RPC", some same versions
+        threading.Thread(target=writer, args=(range(10, 40, 2),)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    names = sorted(p.name for p in store.dir.iterdir())
+    assert names == ["ckpt-35.npz", "ckpt-36.npz", "ckpt-38.npz"], names  # the newest 3
+    for p in store.paths():
+        load_checkpoint(p)
