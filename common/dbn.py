@@ -12,7 +12,10 @@ minimises the cross-entropy with backprop (`backprop_gradient`)::
     loss = -mean log q[y]
 
 Dropout is "inverted" (Srivastava et al. 2014): kept units are scaled by
-1/keep during training, so prediction uses the weights unchanged.
+1/keep during training, so prediction uses the weights unchanged.  The 1/keep
+rides on the sigmoid's last passes (`sigmoid_(x, scale)`) and the mask is a
+boolean drawn from 16-bit uniforms (four per 64-bit word of the generator):
+drawing float32 uniforms was 5% of a fine-tuning step.
 
 Visible biases take no part in fine-tuning: their gradient is zero.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from dbnps.common.layout import Layout, Params
-from dbnps.common.rbm import hidden_probs
+from dbnps.common.rbm import hidden_probs, sigmoid_
 
 
 def init_params(layout: Layout, rng: np.random.Generator, X_train: np.ndarray) -> Params:
@@ -77,10 +80,11 @@ class BackpropWorkspace:
         L = len(sizes) - 1
         self.x = np.empty((B, sizes[0]), dtype=self.dtype)
         self.xd = np.empty((B, sizes[0]), dtype=self.dtype)  # input after dropout
-        self.xmask = np.empty((B, sizes[0]), dtype=self.dtype)
+        self.xmask = np.empty((B, sizes[0]), dtype=bool)
         self.a = [np.empty((B, n), dtype=self.dtype) for n in sizes[1:]]  # activations
         self.g = [np.empty((B, n), dtype=self.dtype) for n in sizes[1:]]  # dloss/da, delta
-        self.t = [np.empty((B, n), dtype=self.dtype) for n in sizes[1:]]  # masks, sigm'
+        self.t = [np.empty((B, n), dtype=self.dtype) for n in sizes[1:]]  # sigm'
+        self.m = [np.empty((B, n), dtype=bool) for n in sizes[1:]]  # dropout masks
         self.z = np.empty((B, n_classes), dtype=self.dtype)  # logits -> dloss/dlogits
         self.rowmax = np.empty(B, dtype=self.dtype)
         self.rowsum = np.empty(B, dtype=self.dtype)
@@ -98,11 +102,16 @@ class BackpropWorkspace:
 
 
 def _dropout_(a: np.ndarray, drop: float, rng: np.random.Generator, mask: np.ndarray) -> None:
-    """In place a <- a * m / (1 - drop), m ~ Bernoulli(1 - drop); draws a.size uniforms."""
-    rng.random(mask.shape, dtype=mask.dtype, out=mask)
-    np.greater_equal(mask, mask.dtype.type(drop), out=mask)
-    a *= mask
-    a *= a.dtype.type(1.0 / (1.0 - drop))
+    """In place a <- a * m, m ~ Bernoulli(1 - drop) (the caller scales a by 1/keep).
+
+    m = [u >= round(drop * 2^16)] with u 16-bit uniforms, four per 64-bit word
+    of `rng`'s bit generator (ceil(a.size / 4) words): P(m = 1) is 1 - drop to
+    within 2^-17.  `mask` is a boolean scratch array of a's shape.
+    """
+    words = rng.bit_generator.random_raw((a.size + 3) // 4)
+    u = words.view(np.uint16)[: a.size].reshape(a.shape)
+    np.greater_equal(u, np.uint16(round(drop * 65536)), out=mask)
+    np.multiply(a, mask, out=a)
 
 
 def _add_weight_decay(gW: np.ndarray, W: np.ndarray, wd: float, ws: BackpropWorkspace) -> None:
@@ -142,8 +151,9 @@ def backprop_gradient(
         dW_l    = a_{l-1}^T delta_l,        dhb_l = sum_rows delta_l
         dloss/da_{l-1} = delta_l W_l^T
 
-    Random draws, in order: input-dropout mask (B * n0 uniforms) if
-    input_dropout > 0, then one mask per hidden layer (B * n_l) if dropout > 0.
+    Random draws, in order: input-dropout mask (ceil(B * n0 / 4) 64-bit words)
+    if input_dropout > 0, then one mask per hidden layer (ceil(B * n_l / 4)) if
+    dropout > 0.
     Loss is computed with the dropout masks applied (the training objective).
     """
     L = ws.n_layers
@@ -155,14 +165,17 @@ def backprop_gradient(
     # Forward.
     a_in = X
     if input_dropout > 0:
-        np.copyto(ws.xd, X)
+        np.multiply(X, f(1.0 / (1.0 - input_dropout)), out=ws.xd)
         _dropout_(ws.xd, input_dropout, rng, ws.xmask)
         a_in = ws.xd
     inputs = [a_in]
     for l in range(L):
-        a = hidden_probs(inputs[-1], p.W[l], p.hb[l], out=ws.a[l])
+        a = ws.a[l]
+        np.dot(inputs[-1], p.W[l], out=a)
+        a += p.hb[l]
+        sigmoid_(a, 1.0 / (1.0 - dropout))  # a_l / keep: inverted dropout's scale
         if dropout > 0:
-            _dropout_(a, dropout, rng, ws.t[l])
+            _dropout_(a, dropout, rng, ws.m[l])
         inputs.append(a)
     aL = inputs[-1]
     z = ws.z

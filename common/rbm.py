@@ -38,17 +38,19 @@ import numpy as np
 from dbnps.common.layout import Params
 
 
-def sigmoid_(x: np.ndarray) -> np.ndarray:
-    """In place x <- sigm(x) = 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2; returns x.
+def sigmoid_(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """In place x <- scale * sigm(x) = scale * (1 + tanh(x / 2)) / 2; returns x.
 
     The tanh form needs no overflow handling and is about 1.5x faster in numpy
-    than exp + reciprocal (four cheap passes, one of them SIMD tanh).
+    than exp + reciprocal (four cheap passes, one of them SIMD tanh).  `scale`
+    costs nothing (it rides on the last two passes): inverted dropout's 1/keep
+    is applied here instead of in a pass of its own.
     """
-    half = x.dtype.type(0.5)
-    x *= half
+    f = x.dtype.type
+    x *= f(0.5)
     np.tanh(x, out=x)
-    x *= half
-    x += half
+    x *= f(0.5 * scale)
+    x += f(0.5 * scale)
     return x
 
 
