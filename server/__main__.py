@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from dbnps.common.job import (
     load_data,
     settle_setup,
 )
+from dbnps.runfiles import EXIT_DIVERGED
 
 
 @click.command()
@@ -56,6 +59,7 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
     from dbnps.server import checkpoint as ckpt
     from dbnps.server.server import ParameterServer
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to stderr
     cfg = load(config_path)
     topo = rma.Topology.discover("server")
     check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang
@@ -110,7 +114,7 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
             control.after_run(ps)  # final checkpoint when stopped over gRPC
         ps.finish(out, summary)
         if ps.state.diverged:
-            sys.exit(5)  # distinct from a crash: supervise does not retry it
+            sys.exit(EXIT_DIVERGED)  # distinct from a crash: supervise does not retry it
     except MPI.Exception as exc:  # a peer died inside a collective (set-up or exit)
         print(f"error: server rank {topo.rank}: MPI error: {exc}", file=sys.stderr, flush=True)
         if job.control is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 import click
@@ -38,6 +40,7 @@ from dbnps.common.job import check_ranks, check_shards, layout_of, load_data, se
 def main(config_path, data_dir, **inject) -> None:
     from dbnps.worker.worker import Faults, Worker
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to stderr
     cfg = load(config_path)
     topo = rma.Topology.discover("worker")
     check_ranks(cfg, topo.n_workers, topo.n_servers)  # same verdict on every rank: no hang

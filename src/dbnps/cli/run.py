@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def run_cmd(
         servers, workers, hosts=hosts, hostfile=hostfile, server_host=server_host
     )
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    os.umask(0o077)  # the run's files (model, summary, checkpoints) are the owner's only
     run_dir.mkdir(parents=True, exist_ok=True)
     bars = progress and sys.stderr.isatty()
     extra = ("--progress",) if bars else ()
