@@ -52,3 +52,12 @@ def test_killed_inside_the_collective_exit_the_results_are_kept(tmp_path, job):
     assert "Traceback" not in res.output, res.output[-3000:]
     assert res.summary["phase"] == "done" and res.summary["test_accuracy"] > 0.5
     assert (res.run_dir / "model.npz").stat().st_size > 0
+
+
+def test_slow_local_phase_set_up_is_not_taken_for_a_dead_server(tmp_path, job):
+    """A phase set-up longer than [ps] step_timeout_s is local work, not a wait on the server."""
+    sections = {**CFG, "ps": {**CFG["ps"], "step_timeout_s": 2.0, "heartbeat_timeout_s": 30.0}}
+    cfg = write_config(tmp_path / "slow.toml", sections)
+    res = job(cfg, workers=2, worker_args=("--inject-slow-phase-s", "3"), timeout=120)
+    assert res.rc == 0, res.output[-3000:]
+    assert "no progress" not in res.output and res.summary["dead_workers"] == []

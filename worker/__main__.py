@@ -34,6 +34,7 @@ from dbnps.common.job import check_ranks, check_shards, layout_of, load_data, se
     default="step",
     hidden=True,
 )
+@click.option("--inject-slow-phase-s", type=float, default=0.0, hidden=True)
 @click.option("--inject-finalize-delay-worker", type=int, default=-1, hidden=True)
 @click.option("--inject-finalize-delay-s", type=float, default=0.0, hidden=True)
 @exit_on_user_error
@@ -65,6 +66,7 @@ def main(config_path, data_dir, **inject) -> None:
         die_worker=inject["inject_die_worker"],
         die_after=inject["inject_die_after"],
         die_in=inject["inject_die_in"],
+        slow_phase_s=inject["inject_slow_phase_s"],
         finalize_delay_worker=inject["inject_finalize_delay_worker"],
         finalize_delay_s=inject["inject_finalize_delay_s"],
     )

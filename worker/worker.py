@@ -46,6 +46,7 @@ class Faults:
     # where it dies: "step" (between steps), "pull" / "push" (inside that RMA exchange),
     # "startup" (windows made, before the first heartbeat), "finalize" (inside the exit)
     die_in: str = "step"
+    slow_phase_s: float = 0.0  # every phase's local set-up takes this much longer
     finalize_delay_worker: int = -1  # this worker enters the end-of-job collective late
     finalize_delay_s: float = 0.0
 
@@ -157,14 +158,16 @@ class Worker:
     def _watchdog(self) -> None:
         """Leave if the loop stops moving: an MPI call can block forever on a dead server.
 
-        (A server killed while holding its exclusive parameter lock leaves that lock
-        taken; our next `Lock` would wait in MPI where no timeout reaches.)
+        (An operation on a dead target's window, across hosts, may never complete;
+        MPI has no timeout for it.)  Local work — a phase's set-up that propagates
+        the shard through the lower layers, a step — is not waiting on the
+        server: the clock restarts when it ends (`_local`).
         """
         limit = self.cfg.ps.step_timeout_s
         while not self._finished:
             time.sleep(min(0.5, limit / 4))
             idle = time.monotonic() - self._progress
-            if idle > limit and not self._finished:
+            if idle > limit and not self._finished and not self._local:
                 print(
                     f"error: worker {self.me}: no progress for {idle:.0f}s; "
                     f"the parameter server is gone or stuck",
@@ -173,8 +176,18 @@ class Worker:
                 )
                 os._exit(3)
 
+    def _local_begin_phase(self, phase: int) -> None:
+        """The sampler's phase set-up: local work the watchdog must not count as waiting."""
+        self._local = True
+        try:
+            time.sleep(self.faults.slow_phase_s)
+            self.sampler.begin_phase(phase, self.params)
+        finally:
+            self._local = False
+            self._progress = time.monotonic()
+
     def run(self) -> None:
-        self._finished = False
+        self._finished = self._local = False
         self._progress = time.monotonic()
         threading.Thread(target=self._watchdog, daemon=True, name="watchdog").start()
         try:
@@ -201,7 +214,7 @@ class Worker:
                 if not self._reshard(info.dead):
                     break  # we were presumed dead (silent too long): our shard is taken
                 if self.sampler is not None and phase == info.phase:
-                    self.sampler.begin_phase(phase, self.params)
+                    self._local_begin_phase(phase)
             if info.phase != phase:
                 if info.phase >= layout.done_phase:
                     break
@@ -213,7 +226,7 @@ class Worker:
                 client.report(state=rma.STATE_RUNNING)  # begin_phase can take a while
                 phase = info.phase
                 if self.sampler is not None:
-                    self.sampler.begin_phase(phase, self.params)
+                    self._local_begin_phase(phase)
                 acc_samples = acc_steps = phase_steps = 0
                 n_fetch, n_push = cfg.ps.every(pretraining=phase < layout.n_layers)
                 if self.rule is not None:
