@@ -567,6 +567,9 @@ class ControlPlane:
             msg.has_loss, msg.loss = True, st.loss
         if st.test_accuracy == st.test_accuracy:
             msg.has_test_accuracy, msg.test_accuracy = True, st.test_accuracy
+        msg.eval_split = st.eval_split
+        if st.eval_accuracy == st.eval_accuracy:
+            msg.has_eval_accuracy, msg.eval_accuracy = True, st.eval_accuracy
         if include_history:
             msg.history_json.extend(json.dumps(e, default=float) for e in list(st.history))
         return msg

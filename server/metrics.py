@@ -135,6 +135,14 @@ class JobCollector(Collector):
             yield GaugeMetricFamily(
                 "dbnps_test_accuracy_ratio", "Last test-set accuracy.", value=st.test_accuracy
             )
+        if st.eval_accuracy == st.eval_accuracy:
+            g = GaugeMetricFamily(
+                "dbnps_eval_accuracy_ratio",
+                "Last accuracy on the split evaluations use during training.",
+                labels=["split"],
+            )
+            g.add_metric([st.eval_split], st.eval_accuracy)
+            yield g
         yield from _worker_metrics(st)
 
 

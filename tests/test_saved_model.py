@@ -109,3 +109,44 @@ def test_a_job_stopped_in_pretraining_reports_no_accuracy(tmp_path):
     assert "stopped in pretrain-1" in shown and "[server] phase pretrain-1 starts" in shown
     assert "post-failure" in log and "post-failure" not in shown and "\x00" not in shown
     assert "post-failure" in psctl("logs", "--raw", "--run", "pre", env=env).stdout
+
+
+def test_status_names_the_split_evaluations_use(tmp_path):
+    """With a validation split, status and /metrics report validation accuracy, no test number."""
+    import json
+    import time
+    import urllib.request
+
+    from jobctl import job_env, psctl
+
+    cfg = write_config(
+        tmp_path / "v.toml",
+        {
+            "model": {"sizes": [784, 32]},
+            "data": {"train_subset": 2500, "test_subset": 500, "validation": 500},
+            "pretrain": {"epochs": 0.5},
+            "finetune": {"epochs": 1.0e6},
+            "run": {"eval_every_epochs": 1.0},
+        },
+    )
+    env = job_env(tmp_path / "state")
+    res = psctl("start", "--config", str(cfg), "--job-id", "val", "--timeout", "80", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            st = json.loads(psctl("status", "--json", "--run", "val", env=env).stdout)
+            if "eval_accuracy" in st or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert st.get("eval_split") == "validation" and 0 < st.get("eval_accuracy", 0) <= 1, st
+        assert not st.get("has_test_accuracy")  # the test set is not looked at while training
+        text = psctl("status", "--run", "val", env=env).stdout
+        assert "validation accuracy 0." in text and "test accuracy -" in text, text
+        info = json.loads((tmp_path / "state" / "runs" / "val" / "job.json").read_text())
+        with urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=10) as r:
+            body = r.read().decode()
+        assert 'dbnps_eval_accuracy_ratio{split="validation"}' in body
+        assert "dbnps_test_accuracy_ratio" not in body
+    finally:
+        psctl("stop", "--force", "--run", "val", env=env)

@@ -816,6 +816,11 @@ def _fmt_status(msg, run_info: dict | None = None) -> str:
         + f"  staleness mean {msg.staleness.mean:.2f} max {msg.staleness.max}",
         f"throughput {msg.samples_per_second:,.0f} samples/s  loss "
         + (f"{msg.loss:.4f}" if msg.has_loss else "-")
+        + (
+            f"  validation accuracy {msg.eval_accuracy:.4f}"
+            if msg.eval_split == "validation" and msg.has_eval_accuracy
+            else ""
+        )
         + "  test accuracy "
         + (f"{msg.test_accuracy:.4f}" if msg.has_test_accuracy else "-")
         + f"  checkpoints {msg.checkpoints}",

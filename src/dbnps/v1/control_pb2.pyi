@@ -111,7 +111,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker: _Optional[int] = ..., rank: _Optional[int] = ..., state: _Optional[str] = ..., alive: _Optional[bool] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., heartbeat_age_seconds: _Optional[float] = ..., loss: _Optional[float] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("job_id", "ready", "stopping", "config", "phase", "progress", "version", "updates_applied", "updates_rejected", "bytes_received", "staleness", "workers", "has_loss", "loss", "has_test_accuracy", "test_accuracy", "samples_per_second", "uptime_seconds", "checkpoints", "metrics_address", "history_json", "restarts", "resumed_from")
+    __slots__ = ("job_id", "ready", "stopping", "config", "phase", "progress", "version", "updates_applied", "updates_rejected", "bytes_received", "staleness", "workers", "has_loss", "loss", "has_test_accuracy", "test_accuracy", "samples_per_second", "uptime_seconds", "checkpoints", "metrics_address", "history_json", "restarts", "resumed_from", "eval_split", "has_eval_accuracy", "eval_accuracy")
     class UpdatesRejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,9 @@ class Status(_message.Message):
     HISTORY_JSON_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    HAS_EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     ready: bool
     stopping: bool
@@ -165,7 +168,10 @@ class Status(_message.Message):
     history_json: _containers.RepeatedScalarFieldContainer[str]
     restarts: int
     resumed_from: str
-    def __init__(self, job_id: _Optional[str] = ..., ready: _Optional[bool] = ..., stopping: _Optional[bool] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ..., phase: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[_Mapping[str, int]] = ..., bytes_received: _Optional[int] = ..., staleness: _Optional[_Union[Staleness, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., has_test_accuracy: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., checkpoints: _Optional[int] = ..., metrics_address: _Optional[str] = ..., history_json: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ..., resumed_from: _Optional[str] = ...) -> None: ...
+    eval_split: str
+    has_eval_accuracy: bool
+    eval_accuracy: float
+    def __init__(self, job_id: _Optional[str] = ..., ready: _Optional[bool] = ..., stopping: _Optional[bool] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ..., phase: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., updates_rejected: _Optional[_Mapping[str, int]] = ..., bytes_received: _Optional[int] = ..., staleness: _Optional[_Union[Staleness, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., has_test_accuracy: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., checkpoints: _Optional[int] = ..., metrics_address: _Optional[str] = ..., history_json: _Optional[_Iterable[str]] = ..., restarts: _Optional[int] = ..., resumed_from: _Optional[str] = ..., eval_split: _Optional[str] = ..., has_eval_accuracy: _Optional[bool] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("note",)
