@@ -14,6 +14,7 @@ from dbnps.common.config import dump_toml
 from dbnps.common.launcher import mpi_env
 
 REPO = Path(__file__).resolve().parents[1]
+SMALL = {"model": {"sizes": [784, 32, 32]}, "data": {"train_subset": 600, "test_subset": 200}}
 
 
 def write_config(path: Path, sections: dict) -> Path:
@@ -71,3 +72,51 @@ def run_job(
 @pytest.fixture
 def job(tmp_path):
     return lambda config, **kw: run_job(config, tmp_path / "run", **kw)
+
+
+def exactness_case(tmp_path: Path, mode: str):
+    """The exactness check's job config and what the single-process trainer makes of it.
+
+    1 worker, sync pushes, plain SGD, 600 images / batch 100 = 6 steps per phase:
+    15 steps cross both RBMs into fine-tuning.  Returns (config path, trainer's
+    final flat parameters, initial flat parameters).
+    """
+    from dbnps.common.config import load
+    from dbnps.common.job import initial_params, layout_of, load_data
+    from dbnps.common.trainer import train_local
+
+    cfg_path = write_config(
+        tmp_path / "exact.toml",
+        {
+            **SMALL,
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 1.0},
+            "ps": {"update_rule": "sgd", "sync": True, "mode": mode},
+            "run": {"max_steps": 15, "seed": 3},
+        },
+    )
+    cfg = load(cfg_path)
+    local, _ = train_local(cfg, load_data(cfg), progress=False, log=lambda *_: None)
+    init = initial_params(cfg, layout_of(cfg), load_data(cfg).X_train)
+    return cfg_path, local.flat, init
+
+
+def assert_exact(res: JobResult, local, init) -> None:
+    """The job applied the 15 pushes and ended where the trainer did.
+
+    Same arithmetic in the same order; only BLAS's kernels differ (the test
+    process may use 2 threads, the worker 1; kernels differ by CPU), so the two
+    agree to float32 rounding.  A step missed or repeated moves weights by
+    ~lr*|g| >> 1e-5.
+    """
+    import numpy as np
+
+    from dbnps.common.model import load_model
+
+    assert res.rc == 0, res.output
+    s = res.summary
+    assert s["applied"] == 15 and s["rejected"] == {}
+    assert s["phase"] == "finetune"
+    _, params, _, _ = load_model(res.run_dir / "model.npz")
+    np.testing.assert_allclose(params.flat, local, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(local, init), "no training happened"

@@ -19,7 +19,7 @@ from pathlib import Path
 import netns
 import numpy as np
 import pytest
-from conftest import JobResult, write_config
+from conftest import SMALL, JobResult, assert_exact, exactness_case, write_config
 
 from dbnps.common import launcher
 from dbnps.common.config import load
@@ -28,7 +28,6 @@ from dbnps.common.job import initial_params, layout_of, load_data
 pytestmark = pytest.mark.multihost
 
 PSCTL = str(Path(sys.executable).parent / "psctl")
-SMALL = {"model": {"sizes": [784, 32, 32]}, "data": {"train_subset": 600, "test_subset": 200}}
 ZERO_PROGRAM = Path(__file__).parent / "mpi_programs" / "windows_zero.py"
 
 
@@ -93,29 +92,9 @@ def test_windows_are_zeroed_and_one_sided_ops_exact_across_hosts(hosts):
 @pytest.mark.parametrize("mode", ["apply", "accumulate"])
 def test_exactness_server_and_worker_on_two_hosts(tmp_path, hosts, mode):
     """Server on h1, worker on h2, sync pushes, SGD: the single-process trainer's parameters."""
-    from dbnps.common.trainer import train_local
-
-    cfg_path = write_config(
-        tmp_path / "exact.toml",
-        {
-            **SMALL,
-            "pretrain": {"epochs": 1.0},
-            "finetune": {"epochs": 1.0},
-            "ps": {"update_rule": "sgd", "sync": True, "mode": mode},
-            "run": {"max_steps": 15, "seed": 3},
-        },
-    )
-    cfg = load(cfg_path)
-    local, _ = train_local(cfg, load_data(cfg), progress=False, log=lambda *_: None)
+    cfg_path, local, init = exactness_case(tmp_path, mode)
     res = run_placed(hosts, cfg_path, tmp_path / "run", "h1:1,h2:1", workers=1)
-    assert res.rc == 0, res.output
-    s = res.summary
-    assert s["applied"] == 15 and s["rejected"] == {}
-    assert s["phase"] == "finetune"
-    # Same tolerance as the single-host test (tests/test_ps.py): BLAS blocking only.
-    np.testing.assert_allclose(final_params(res.run_dir), local.flat, rtol=0, atol=1e-6)
-    init = initial_params(cfg, layout_of(cfg), load_data(cfg).X_train)
-    assert not np.array_equal(local.flat, init), "no training happened"
+    assert_exact(res, local, init)
 
 
 def test_conservation_two_workers_on_two_hosts(tmp_path, hosts):

@@ -6,12 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_config
+from conftest import SMALL, assert_exact, exactness_case, write_config
 
 from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
-
-SMALL = {"model": {"sizes": [784, 32, 32]}, "data": {"train_subset": 600, "test_subset": 200}}
 
 
 def synthetic_cfg(tmp_path, **ps):
@@ -53,31 +51,8 @@ def test_exactness_one_worker_matches_single_process(tmp_path, job, mode):
     """1 server + 1 worker, sync pushes, plain SGD == the single-process trainer, step for step.
 
     In accumulate mode the worker computes the increment and MPI_Accumulates it."""
-    from dbnps.common.trainer import train_local
-
-    # 600 images / batch 100 = 6 steps per phase; 15 steps cross both RBMs into fine-tuning.
-    cfg_path = write_config(
-        tmp_path / "exact.toml",
-        {
-            **SMALL,
-            "pretrain": {"epochs": 1.0},
-            "finetune": {"epochs": 1.0},
-            "ps": {"update_rule": "sgd", "sync": True, "mode": mode},
-            "run": {"max_steps": 15, "seed": 3},
-        },
-    )
-    cfg = load(cfg_path)
-    local, _ = train_local(cfg, load_data(cfg), progress=False, log=lambda *_: None)
-    res = job(cfg_path, workers=1)
-    assert res.rc == 0, res.output
-    s = res.summary
-    assert s["applied"] == 15 and s["rejected"] == {}
-    assert s["phase"] == "finetune"
-    # Same arithmetic in the same order; only BLAS's kernels differ (this process
-    # may use 2 threads, the worker 1; kernels differ by CPU), so the two agree to
-    # float32 rounding.  One step missed or repeated moves weights by ~lr*|g| >> 1e-5.
-    np.testing.assert_allclose(final_params(res.run_dir), local.flat, rtol=1e-5, atol=1e-5)
-    assert not np.array_equal(local.flat, load_initial(cfg_path)), "no training happened"
+    cfg_path, local, init = exactness_case(tmp_path, mode)
+    assert_exact(job(cfg_path, workers=1), local, init)
 
 
 @pytest.mark.parametrize(("servers", "mode"), [(1, "apply"), (2, "apply"), (1, "accumulate")])
