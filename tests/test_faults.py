@@ -15,7 +15,8 @@ def test_sigkill_of_one_worker_job_completes(tmp_path, job):
             "data": {"train_subset": 6000, "test_subset": 1000},
             "pretrain": {"epochs": 1.0},
             "finetune": {"epochs": 20.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
-            "ps": {"heartbeat_timeout_s": 1.0},
+            # 5 s: a slow survivor on a loaded machine is not taken for dead
+            "ps": {"heartbeat_timeout_s": 5.0},
             "run": {"eval_every_epochs": 5.0},
         },
     )

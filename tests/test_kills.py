@@ -17,7 +17,8 @@ CFG = {
     "data": {"train_subset": 1500, "test_subset": 300},
     "pretrain": {"epochs": 2.0, "batch_size": 50},
     "finetune": {"epochs": 4.0, "batch_size": 50},
-    "ps": {"heartbeat_timeout_s": 2.0, "step_timeout_s": 30.0, "exit_timeout_s": 15.0},
+    # 5 s: long enough that a slow survivor on a loaded machine is not taken for dead
+    "ps": {"heartbeat_timeout_s": 5.0, "step_timeout_s": 30.0, "exit_timeout_s": 15.0},
     "run": {"eval_every_epochs": 2.0},
 }
 
