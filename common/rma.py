@@ -281,6 +281,13 @@ def finalize(
         healthy = False
     windows.free(collective=healthy)
     timer.cancel()
+    if not healthy:
+        # MPI_Finalize (mpi4py's, at exit) with a dead peer was seen to hang on a
+        # loaded machine; it gets the same bound, and a rank that hits it leaves
+        # without it (everything is written by now).
+        late = threading.Timer(timeout_s, _give_up, (f"{who} (MPI_Finalize)", timeout_s))
+        late.daemon = True
+        late.start()
     return healthy
 
 
