@@ -33,9 +33,9 @@ from dbnps.common.mnist import resolve_data_dir
 RESULTS = Path(__file__).resolve().parent / "results"
 CFG = {
     "model": {"sizes": [784, 64, 64]},
-    "data": {"train_subset": 3000, "test_subset": 500},
-    "pretrain": {"epochs": 2.0, "batch_size": 50},
-    "finetune": {"epochs": 6.0, "batch_size": 50},
+    "data": {"train_subset": 10000, "test_subset": 1000},
+    "pretrain": {"epochs": 3.0, "batch_size": 50},
+    "finetune": {"epochs": 10.0, "batch_size": 50},
     "ps": {"heartbeat_timeout_s": 2.0, "step_timeout_s": 30.0, "exit_timeout_s": 15.0},
     "run": {"eval_every_epochs": 2.0, "log_every_s": 0.2},
 }
@@ -60,7 +60,9 @@ def trial(tmp: Path, i: int, horizon: float, timeout: float, rng: random.Random)
     argv = job_argv(cfg, 3, 1, resolve_data_dir(None), run_dir)
     log = (run_dir / "job.log").open("w")
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, env=mpi_env(), stdout=log, stderr=subprocess.STDOUT)
+    # A kill inside MPI_Init leaves the others there: common/boot.py bounds it.
+    env = {**mpi_env(), "DBNPS_STARTUP_TIMEOUT_S": "30"}
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     kill_at = rng.uniform(0.3, horizon)
     victim, killed_at = None, None
     mp = psutil.Process(proc.pid)

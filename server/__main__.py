@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dbnps.common import boot  # first, before mpi4py: bounds MPI_Init and set-up
+
+# isort: split
 import faulthandler
 import os
 import signal
@@ -85,6 +88,7 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
             on_tick=on_tick,
             resume=job.resumed,
         )
+        boot.done()  # windows made, parameters published: start-up is over
         if progress:
             ps.progress_every_s = 0.5
         control = job.control

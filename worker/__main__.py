@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dbnps.common import boot  # first, before mpi4py: bounds MPI_Init and set-up
+
+# isort: split
 import faulthandler
 import os
 import signal
@@ -72,6 +75,7 @@ def main(config_path, data_dir, **inject) -> None:
     )
     try:
         worker = Worker(cfg, topo, layout, X, y, faults=faults)
+        boot.done()
         worker.run()
     except (rma.PSTimeout, MPI.Exception) as exc:
         # The server is gone or stuck: say so once and leave without the collective
