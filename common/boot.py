@@ -30,3 +30,19 @@ faulthandler.dump_traceback_later(TIMEOUT_S, exit=True, file=sys.stderr)
 def done() -> None:
     """Set-up finished (windows created, first barrier passed): no bound from here on."""
     faulthandler.cancel_dump_traceback_later()
+
+
+def _mpi_errors_leave_at_once(kind, exc, tb) -> None:
+    """An MPI error nobody handled (a peer died in a collective): one line, then out.
+
+    Not through interpreter exit: mpi4py's MPI_Finalize with a dead peer was seen
+    to wait for ever, and the start-up watchdog is off by then.
+    """
+    if type(exc).__module__.startswith("mpi4py"):
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", "?")
+        print(f"error: rank {rank}: MPI error: {exc}", file=sys.stderr, flush=True)
+        os._exit(3)
+    sys.__excepthook__(kind, exc, tb)
+
+
+sys.excepthook = _mpi_errors_leave_at_once
