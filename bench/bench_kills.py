@@ -35,7 +35,7 @@ CFG = {
     "model": {"sizes": [784, 64, 64]},
     "data": {"train_subset": 10000, "test_subset": 1000},
     "pretrain": {"epochs": 3.0, "batch_size": 50},
-    "finetune": {"epochs": 10.0, "batch_size": 50},
+    "finetune": {"epochs": 30.0, "batch_size": 50},
     "ps": {"heartbeat_timeout_s": 2.0, "step_timeout_s": 30.0, "exit_timeout_s": 15.0},
     "run": {"eval_every_epochs": 2.0, "log_every_s": 0.2},
 }
