@@ -213,7 +213,11 @@ def test_whole_worker_host_down_ends_the_job_without_hanging(tmp_path, hosts):
         if proc.poll() is None:
             proc.kill()
     out = "".join(lines)
-    assert rc != 0, out[-4000:]  # ended (within the 60 s wait) rather than hanging
+    # Ended (within the 60 s wait) rather than hanging.  Its status is not to be
+    # trusted: PRRTE 3.0 printed "lost communication with a remote daemon ... will
+    # terminate the job" and then exited 0 in one CI run.  What tells a caller it
+    # failed is the missing summary (psctl run says so in one line; see below).
+    assert "lost communication with a remote daemon" in out or rc != 0, out[-4000:]
     print(f"job ended {waited:.1f}s after the host went down")
     assert "h3" in out, out[-4000:]
     assert not (run_dir / "summary.json").exists()
