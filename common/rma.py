@@ -323,6 +323,7 @@ class _Words:
         self._one = np.zeros(1, dtype=dtype)
         self._res = np.zeros(1, dtype=dtype)
         self._cmp = np.zeros(1, dtype=dtype)
+        self._val = np.zeros(1, dtype=dtype)  # write1's origin, alive until its Flush
 
     def read(self, target: int, disp: int, n: int) -> np.ndarray:
         """n words from `disp` on `target`, element-wise atomic (Get_accumulate NO_OP)."""
@@ -352,6 +353,11 @@ class _Words:
         if flush:
             self.win.Flush(target)
 
+    def write1(self, target: int, disp: int, value: int) -> None:
+        """Element-wise atomic write of one word (Accumulate REPLACE), flushed."""
+        self._val[0] = value
+        self.write(target, disp, self._val)
+
     def add1(self, target: int, disp: int, value: int) -> int:
         """Atomic fetch-and-add of one word; returns the old value."""
         self._one[0] = value
@@ -373,6 +379,28 @@ class _Words:
         )
         self.win.Flush(target)
         return self._res[0].item()
+
+
+def _seqlock_read(words: _Words, target: int, read, *, timeout_s: float, what: str):
+    """`read()` of `target`'s header/parameters, kept only if SEQ was even and unchanged.
+
+    Retried with back-off until it is; PSTimeout after `timeout_s`.  `words` is
+    the target's pwin header words.
+    """
+    t0, pause = time.monotonic(), 1e-5
+    while True:
+        seq1 = words.read1(target, 8 * SEQ)
+        if seq1 % 2 == 0:
+            value = read()
+            if words.read1(target, 8 * SEQ) == seq1:
+                return value
+        if time.monotonic() - t0 > timeout_s:
+            raise PSTimeout(
+                f"server rank {target}: {what} did not complete within {timeout_s:.0f}s "
+                f"(is the server alive?)"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
 
 
 class PSClient:
@@ -397,7 +425,6 @@ class PSClient:
         self._stats_words = _Words(win.cwin, ST_WORDS, np.float64)
         self.bytes_pulled = 0
         self.bytes_pushed = 0
-        self.retries = 0  # pulls read again because a write overlapped them
         self.in_pull = None  # test hooks: called inside a pull / a push (kill tests)
         self.in_push = None
 
@@ -423,7 +450,6 @@ class PSClient:
     def pull(self, out: np.ndarray, lo: int, hi: int) -> PullInfo:
         """Copy parameters [lo, hi) into out[lo:hi]; one consistent snapshot per shard."""
         _check(out, np.float32, self.w.size)
-        pwin = self.w.pwin
         hb = self.w.hdr_bytes
         info = None
         for s, a, b, blo in self._parts(lo, hi):
@@ -439,30 +465,26 @@ class PSClient:
                     int(hdr[MEMBERS]),
                     dead_set(hdr, self.topo.n_workers),
                 )
-        del pwin
         info.versions = self.versions.copy()
         return info
 
     def _read_consistent(self, s: int, out: np.ndarray, a: int, b: int, disp: int) -> np.ndarray:
-        """Seqlock read of server s: header words and out[a:b]; retried until SEQ is stable."""
+        """Seqlock read of server s: header words and out[a:b]."""
         pwin, words = self.w.pwin, self._hwords
-        t0, pause = time.monotonic(), 1e-5
-        while True:
-            seq1 = words.read1(s, 8 * SEQ)
-            if seq1 % 2 == 0:
-                hdr = words.read(s, 0, self.w.hdr_words)  # flushed: complete
-                if b > a:
-                    view = out[a:b]
-                    pwin.Get([view, MPI.FLOAT], s, (disp, b - a, MPI.FLOAT))
-                    if self.in_pull is not None:
-                        self.in_pull()
-                    pwin.Flush(s)
-                if words.read1(s, 8 * SEQ) == seq1:
-                    return hdr
-            self.retries += 1
-            self._deadline_check(t0, "a consistent parameter read", s)
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+        view = out[a:b]  # alive until the Flush
+
+        def read() -> np.ndarray:
+            hdr = words.read(s, 0, self.w.hdr_words)  # flushed: complete
+            if b > a:
+                pwin.Get([view, MPI.FLOAT], s, (disp, b - a, MPI.FLOAT))
+                if self.in_pull is not None:
+                    self.in_pull()
+                pwin.Flush(s)
+            return hdr
+
+        return _seqlock_read(
+            words, s, read, timeout_s=self.timeout_s, what="a consistent parameter read"
+        )
 
     def acked(self, server: int) -> int:
         """ACK_SEQ of this worker's mailbox on `server` (atomic read)."""
@@ -508,8 +530,7 @@ class PSClient:
             pause = min(2 * pause, 1e-3)
 
     def _release(self, server: int) -> None:
-        self._seq_buf[0] = 0
-        self._hwords.write(server, 8 * MUTEX, self._seq_buf)
+        self._hwords.write1(server, 8 * MUTEX, 0)
 
     def accumulate(
         self,
@@ -663,10 +684,7 @@ class PSServer:
         self._mwords = _Words(win.cwin, K * MB_WORDS)
         self._swords = _Words(win.cwin, K * ST_WORDS, np.float64)
         self._hwords = _Words(win.pwin, win.hdr_words)
-        self._word = np.zeros(1, dtype=np.int64)
-        self._ack_word = np.zeros(1, dtype=np.int64)
         self._acked = np.zeros(K, dtype=np.int64)
-        self._writing = False
         # accumulate mode: called with the worker holding the MUTEX when a write has
         # waited for it over a second (the server checks that worker's heartbeat)
         self.on_stuck = None
@@ -695,17 +713,14 @@ class PSServer:
         w.Sync()  # see what remote accumulates wrote before we store over it
         self.header[SEQ] += 1
         w.Sync()  # SEQ odd is visible before any of the stores that follow
-        self._writing = True
 
     def end_write(self) -> None:
         w = self.w.pwin
         w.Sync()  # the stores are visible before SEQ says they are complete
         self.header[SEQ] += 1
         w.Sync()
-        self._writing = False
         if self.accumulate_mode:
-            self._word[0] = 0
-            self._hwords.write(self.me, 8 * MUTEX, self._word)
+            self._hwords.write1(self.me, 8 * MUTEX, 0)
 
     def break_mutex(self, worker: int) -> bool:
         """Accumulate mode: take the MUTEX back from `worker`, which died holding it.
@@ -722,8 +737,7 @@ class PSServer:
         if self.header[SEQ] % 2:
             self.header[SEQ] += 1
         w.Sync()
-        self._word[0] = 0
-        self._hwords.write(self.me, 8 * MUTEX, self._word)
+        self._hwords.write1(self.me, 8 * MUTEX, 0)
         return True
 
     def read_counters(self) -> tuple[int, int]:
@@ -762,10 +776,8 @@ class PSServer:
     def ack(self, push: Push, result: int) -> None:
         """Record the outcome and free the worker's slot (atomic ACK_SEQ write)."""
         base = push.worker * MB_WORDS
-        self._word[0] = result
-        self._mwords.write(self.me, base + RESULT, self._word)
-        self._ack_word[0] = push.seq
-        self._mwords.write(self.me, base + ACK_SEQ, self._ack_word)
+        self._mwords.write1(self.me, base + RESULT, result)
+        self._mwords.write1(self.me, base + ACK_SEQ, push.seq)
         self._acked[push.worker] = push.seq
 
     def read_stats(self) -> np.ndarray:
@@ -794,17 +806,12 @@ class PSServer:
                 continue
             if bhi <= blo:
                 continue
-            t0 = time.monotonic()
-            while True:
-                seq1 = words.read1(s, 8 * SEQ)
-                if seq1 % 2 == 0:
-                    pwin.Get([view, MPI.FLOAT], s, (self.w.hdr_bytes, bhi - blo, MPI.FLOAT))
-                    pwin.Flush(s)
-                    if words.read1(s, 8 * SEQ) == seq1:
-                        break
-                if time.monotonic() - t0 > 600:
-                    raise PSTimeout(f"server rank {s}: no consistent shard read for 600 s")
-                time.sleep(1e-4)
+
+            def read(s=s, view=view, n=bhi - blo) -> None:
+                pwin.Get([view, MPI.FLOAT], s, (self.w.hdr_bytes, n, MPI.FLOAT))
+                pwin.Flush(s)
+
+            _seqlock_read(words, s, read, timeout_s=600, what="a consistent shard read")
 
 
 SERVER_MUTEX_ID = 1 << 40  # MUTEX value while a server holds it (workers use index + 1)
@@ -868,8 +875,7 @@ class ShardStates:
         self.comm.Barrier()
         arrays = mem[self.HDR_BYTES :].view(np.float32).reshape(len(names), n_s)
         self.arrays = {name: arrays[i] for i, name in enumerate(names)}
-        self._one = np.zeros(1, dtype=np.int64)  # origin of the atomics, alive until Flush
-        self._res = np.zeros(1, dtype=np.int64)  # their result
+        self._words = _Words(self.win, 1)
         self._held: list[np.ndarray] = []  # Get targets, alive until their Flush
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self._open = True
@@ -885,27 +891,15 @@ class ShardStates:
     def barrier(self) -> None:
         self.comm.Barrier()
 
-    # element-wise atomic words (Fetch_and_op / Accumulate REPLACE), completed by Flush
+    # header words by index (element-wise atomic, completed by Flush)
     def _read(self, target: int, word: int) -> int:
-        self.win.Fetch_and_op(
-            [self._one, MPI.INT64_T], [self._res, MPI.INT64_T], target, 8 * word, MPI.NO_OP
-        )
-        self.win.Flush(target)
-        return int(self._res[0])
+        return int(self._words.read1(target, 8 * word))
 
     def _add(self, target: int, word: int, value: int) -> None:
-        self._one[0] = value
-        self.win.Fetch_and_op(
-            [self._one, MPI.INT64_T], [self._res, MPI.INT64_T], target, 8 * word, MPI.SUM
-        )
-        self.win.Flush(target)
+        self._words.add1(target, 8 * word, value)
 
     def _write(self, target: int, word: int, value: int) -> None:
-        self._one[0] = value
-        self.win.Accumulate(
-            [self._one, MPI.INT64_T], target, (8 * word, 1, MPI.INT64_T), MPI.REPLACE
-        )
-        self.win.Flush(target)
+        self._words.write1(target, 8 * word, value)
 
     # -- follower side (any server rank; rank 0 too, harmlessly) --------------
     def begin_write(self, max_wait_s: float = 10.0) -> None:
