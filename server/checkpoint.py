@@ -130,6 +130,19 @@ class CheckpointInfo:
     sha256: str
     duration_s: float = 0.0
 
+    def message(self):
+        """The control plane's `dbnps.v1.CheckpointInfo` of it (RPC replies, psctl)."""
+        from dbnps.v1 import control_pb2 as pb
+
+        return pb.CheckpointInfo(
+            path=str(self.path),
+            version=self.version,
+            phase=self.phase,
+            size_bytes=self.size_bytes,
+            created_unix=self.created_unix,
+            sha256=self.sha256,
+        )
+
 
 @dataclass
 class _Stats:

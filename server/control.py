@@ -451,7 +451,7 @@ class ControlPlane:
         info = self.store.write(snap)
         self.log(f"[control] checkpoint {info.path} (version {info.version})")
         return pb.CheckpointReply(
-            checkpoint=_info_pb(info), duration_seconds=time.perf_counter() - t0
+            checkpoint=info.message(), duration_seconds=time.perf_counter() - t0
         )
 
     def list_checkpoints(self, req: pb.ListCheckpointsRequest, context) -> pb.ListCheckpointsReply:
@@ -460,7 +460,7 @@ class ControlPlane:
         infos = self.store.list()
         if req.limit:
             infos = infos[-req.limit :]
-        return pb.ListCheckpointsReply(checkpoints=[_info_pb(i) for i in infos])
+        return pb.ListCheckpointsReply(checkpoints=[i.message() for i in infos])
 
     def stop(self, req: pb.StopRequest, context) -> pb.StopReply:
         t = req.timeout_seconds
@@ -482,7 +482,7 @@ class ControlPlane:
                     f"stopping, but the final checkpoint was not written within {timeout:.0f}s",
                 ) from None
             if info is not None:
-                reply.final_checkpoint.CopyFrom(_info_pb(info))
+                reply.final_checkpoint.CopyFrom(info.message())
         return reply
 
     # -- status ----------------------------------------------------------------
@@ -573,17 +573,6 @@ class ControlPlane:
         if include_history:
             msg.history_json.extend(json.dumps(e, default=float) for e in list(st.history))
         return msg
-
-
-def _info_pb(info: ckpt.CheckpointInfo) -> pb.CheckpointInfo:
-    return pb.CheckpointInfo(
-        path=str(info.path),
-        version=info.version,
-        phase=info.phase,
-        size_bytes=info.size_bytes,
-        created_unix=info.created_unix,
-        sha256=info.sha256,
-    )
 
 
 def make_control_plane(

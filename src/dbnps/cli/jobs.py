@@ -474,7 +474,7 @@ def start_cmd(
     """Start a training job in the background and wait until it serves."""
     from dbnps.cli.run import job_argv
     from dbnps.common.config import load
-    from dbnps.common.job import check_ranks, layout_of
+    from dbnps.common.job import layout_of, preflight
     from dbnps.common.launcher import mpi_env, placement_from_options
     from dbnps.common.mnist import resolve_data_dir
 
@@ -487,7 +487,7 @@ def start_cmd(
     if resumed is not None:
         _check_resumable(resumed, cfg, layout.size)
     data = resolve_data_dir(data_dir or cfg.data.dir or None)
-    check_ranks(cfg, workers, servers)
+    preflight(cfg, workers, servers, on_one_host=not (hosts or hostfile))  # as psctl run
     placement = placement_from_options(
         servers, workers, hosts=hosts, hostfile=hostfile, server_host=server_host
     )
@@ -958,17 +958,7 @@ def checkpoints_cmd(run_id, address, token_file, tls_ca, as_json) -> None:
             from dbnps.server.checkpoint import CheckpointStore
 
             infos = [
-                _message_dict(
-                    pb.CheckpointInfo(
-                        path=str(i.path),
-                        version=i.version,
-                        phase=i.phase,
-                        size_bytes=i.size_bytes,
-                        created_unix=i.created_unix,
-                        sha256=i.sha256,
-                    )
-                )
-                for i in CheckpointStore(run.dir / "checkpoints").list()
+                _message_dict(i.message()) for i in CheckpointStore(run.dir / "checkpoints").list()
             ]
             _print_checkpoints(infos, as_json, f"job {run.id}")
             return
