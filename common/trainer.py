@@ -30,6 +30,7 @@ from dbnps.common.errors import UserError
 from dbnps.common.job import apply_subsets, initial_params, layout_of, step_rng
 from dbnps.common.layout import Params
 from dbnps.common.schedule import hyper, phase_samples
+from dbnps.common.selection import Selection
 from dbnps.common.steps import StepGradient
 from dbnps.common.updaters import make_rule
 
@@ -61,8 +62,6 @@ def train_local(
     # Evaluations during training: the validation split if the config holds one out.
     split = "val" if len(d.y_val) else "test"
     X_eval, y_eval = (d.X_val, d.y_val) if split == "val" else (X_test, y_test)
-    from dbnps.common.selection import Selection
-
     selection = Selection(keep_best=cfg.run.keep_best, target=cfg.run.target_accuracy)
     n_train = len(X)
     params = layout.views(initial_params(cfg, layout, X))

@@ -58,10 +58,9 @@ def main(config_path, data_dir, **inject) -> None:
             check_shards(cfg, len(y), topo.n_workers)
         except UserError as exc:
             error = exc
-    try:
-        settle_setup(topo.comm, error)  # every rank leaves together if any set-up failed
-    except MPI.Exception as exc:  # a rank died during set-up
-        _leave(topo, f"MPI error during set-up (a rank died?): {exc}")
+    # Every rank leaves together if any set-up failed; a rank that died makes this
+    # raise, which common/boot's excepthook turns into one line and an exit.
+    settle_setup(topo.comm, error)
     faults = Faults(
         synthetic_grad=inject["inject_synthetic_grad"],
         nan_worker=inject["inject_nan_worker"],
@@ -84,14 +83,9 @@ def main(config_path, data_dir, **inject) -> None:
         # The server is gone or stuck: say so once and leave without the collective
         # finish (it would wait for the dead rank).  mpiexec then ends the job.
         what = exc if isinstance(exc, rma.PSTimeout) else f"MPI error talking to the server: {exc}"
-        _leave(topo, what)
+        print(f"error: worker {topo.worker_index}: {what}", file=sys.stderr, flush=True)
+        os._exit(3)  # not through MPI_Finalize: with a dead peer it can wait for ever
     worker.finish()
-
-
-def _leave(topo, what) -> None:
-    """One line, then out without MPI_Finalize: with a dead peer it can wait for ever."""
-    print(f"error: worker {topo.worker_index}: {what}", file=sys.stderr, flush=True)
-    os._exit(3)
 
 
 if __name__ == "__main__":
