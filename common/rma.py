@@ -88,6 +88,7 @@ float64 exactly as the window expects; dtypes are checked at this boundary.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -281,14 +282,27 @@ def finalize(
         healthy = False
     windows.free(collective=healthy)
     timer.cancel()
-    if not healthy:
-        # MPI_Finalize (mpi4py's, at exit) with a dead peer was seen to hang on a
-        # loaded machine; it gets the same bound, and a rank that hits it leaves
-        # without it (everything is written by now).
-        late = threading.Timer(timeout_s, _give_up, (f"{who} (MPI_Finalize)", timeout_s))
-        late.daemon = True
-        late.start()
     return healthy
+
+
+def finalize_mpi(who: str, timeout_s: float = 120.0) -> None:
+    """MPI_Finalize, bounded: the last MPI call of a rank, after `finalize`.
+
+    MPI_Finalize ends in a PMIx fence over every process of the job, the dead
+    included; after a failure that fence was seen to wait for ever (all three
+    survivors in ompi_mpi_finalize's wait loop, in about 1 run of 5).  Called
+    at interpreter exit, as mpi4py does, nothing can bound it: Python threads
+    are stopped by then, and mpi4py's `MPI.Finalize` holds the GIL.  So it is
+    called here through ctypes, which releases the GIL while the timer waits;
+    mpi4py's exit hook then sees MPI finalized and does nothing.
+    """
+    if MPI.Is_finalized():
+        return
+    timer = threading.Timer(timeout_s, _give_up, (f"{who} (MPI_Finalize)", timeout_s))
+    timer.daemon = True
+    timer.start()
+    ctypes.CDLL(MPI.__file__).MPI_Finalize()  # the extension's handle resolves libmpi
+    timer.cancel()
 
 
 def _give_up(who: str, timeout_s: float) -> None:

@@ -680,4 +680,5 @@ class ParameterServer:
             self.shard_states.free()  # collective over the servers: not after a failure
         if not healthy:
             self.log("[server] a rank had failed; the survivors finished without it")
+        rma.finalize_mpi(f"rank {self.topo.rank}", timeout_s=self.cfg.ps.exit_timeout_s)
         return result

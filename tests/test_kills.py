@@ -48,13 +48,18 @@ def test_killed_at_start_up_the_job_ends_at_once_with_one_line_per_rank(tmp_path
     assert errors and all("MPI error" in e or "exit status" in e for e in errors), errors
 
 
-@pytest.mark.slow  # hangs in about 1 run of 5-10 (seen in CI): a known defect, not a flake to retry
 def test_killed_inside_the_collective_exit_the_results_are_kept(tmp_path, job):
-    """Known defect (docs/architecture.md, Failures): a worker killed between the
-    exit's agreement and its barrier sometimes leaves the job running past 100 s.
-    Out of `make test` until it is fixed; `pytest -m slow tests/test_kills.py` runs it."""
+    """A worker killed between the exit's agreement and its barrier.  Mostly the
+    survivors finish at once (rc 0); about 1 run in 5 MPI_Finalize's PMIx fence
+    waits for the dead rank, and `rma.finalize_mpi`'s bound ends each survivor
+    with one line (rc 4).  Before that bound this hung (Python's exit timer could
+    not fire inside mpi4py's MPI_Finalize at interpreter exit)."""
     res = kill_job(tmp_path, job, "finalize", after=0)
     assert "Traceback" not in res.output, res.output[-3000:]
+    assert res.rc in (0, 4), res.output[-3000:]
+    if res.rc == 4:
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert errors and all("MPI_Finalize" in e for e in errors), errors
     assert res.summary["phase"] == "done" and res.summary["test_accuracy"] > 0.5
     assert (res.run_dir / "model.npz").stat().st_size > 0
 

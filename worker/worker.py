@@ -341,6 +341,7 @@ class Worker:
             if self.faults.die_worker == self.me and self.faults.die_in == "finalize"
             else None,
         )
+        rma.finalize_mpi(f"rank {self.topo.rank}", timeout_s=self.cfg.ps.exit_timeout_s)
 
 
 def _die() -> None:
