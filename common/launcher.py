@@ -230,13 +230,10 @@ def mpmd_argv(
     server_args: Sequence[str] = (),
     worker_args: Sequence[str] = (),
     *,
-    server_module: str = "dbnps.server",
-    worker_module: str = "dbnps.worker",
     fault_tolerant: bool = False,
-    extra_mpi_args: Sequence[str] = (),
     placement: Placement | None = None,
 ) -> list[str]:
-    """`mpiexec -n S python -m <server> ... : -n K python -m <worker> ...`.
+    """`mpiexec -n S python -m dbnps.server ... : -n K python -m dbnps.worker ...`.
 
     With a `placement`, one app context per run of ranks on the same host
     (`-n c --host h:c`), plus `MULTIHOST_MCA` when the ranks span hosts.
@@ -251,9 +248,8 @@ def mpmd_argv(
     if placement is not None and placement.multihost:
         for key, value in MULTIHOST_MCA:
             argv += ["--mca", key, value]
-    argv += list(extra_mpi_args)
-    server_cmd = [sys.executable, "-m", server_module, *server_args]
-    worker_cmd = [sys.executable, "-m", worker_module, *worker_args]
+    server_cmd = [sys.executable, "-m", "dbnps.server", *server_args]
+    worker_cmd = [sys.executable, "-m", "dbnps.worker", *worker_args]
     if placement is None:
         argv += ["-n", str(servers), *server_cmd]
         argv += [":", "-n", str(workers), *worker_cmd]
