@@ -54,10 +54,11 @@ from dbnps.common.config import Config
 from dbnps.common.errors import UserError
 from dbnps.runfiles import (
     STOP_MARKER,
+    TOKEN_FILE,
+    create_token,
     read_advertise,
     read_token,
     write_json_atomic,
-    write_token,
 )
 from dbnps.server import checkpoint as ckpt
 from dbnps.server.state import STALENESS_BUCKETS, ServerState
@@ -601,12 +602,8 @@ def make_control_plane(
         if Path(token_file).stat().st_mode & 0o077:
             print(f"warning: token file {token_file} is readable by others", file=sys.stderr)
     else:  # a fresh token next to the run's files, readable by the owner only
-        path = run_dir / "token"
-        if not path.exists():
-            import secrets
-
-            write_token(path, secrets.token_urlsafe(32))
-        token = read_token(path)
+        path = run_dir / TOKEN_FILE
+        token = read_token(path) if path.exists() else create_token(path)
     return ControlPlane(
         cfg,
         job_id=job_id or run_dir.resolve().name,

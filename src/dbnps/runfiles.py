@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from dbnps.common.errors import UserError
@@ -48,6 +49,9 @@ def read_advertise(run_dir: Path) -> str | None:
     return host if isinstance(host, str) and host else None
 
 
+TOKEN_FILE = "token"  # in the run dir: the bearer token of the mutating RPCs
+
+
 def read_token(path: Path) -> str:
     try:
         token = Path(path).read_text().strip()
@@ -63,6 +67,13 @@ def write_token(path: Path, token: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+
+
+def create_token(path: Path) -> str:
+    """A fresh random token in a new file `path` (0600); returns it."""
+    token = secrets.token_urlsafe(32)
+    write_token(path, token)
+    return token
 
 
 PRIVATE = 0o600  # run files: the owner only, like the token
