@@ -62,6 +62,9 @@ class FinetuneConfig:
     dropout: float = 0.0  # hidden-unit drop probability
     input_dropout: float = 0.0
     warmup_epochs: float = 0.0  # softmax-only epochs before the whole stack
+    # Max-norm: after each update every unit's incoming weight vector is scaled to
+    # L2 norm <= max_norm (Srivastava et al. 2014, c = 3-4 with dropout). 0: off.
+    max_norm: float = 0.0
 
 
 @dataclass
@@ -216,6 +219,7 @@ def validate(cfg: Config) -> None:
         f"[finetune] input_dropout must be in [0, 1), got {f.input_dropout}",
     )
     _check(f.warmup_epochs >= 0, f"[finetune] warmup_epochs must be >= 0, got {f.warmup_epochs}")
+    _check(f.max_norm >= 0, f"[finetune] max_norm must be >= 0 (0: off), got {f.max_norm}")
     p = cfg.ps
     _check(
         p.update_rule in UPDATE_RULES,
