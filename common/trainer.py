@@ -14,6 +14,8 @@ may overshoot by less than one minibatch).  Each step::
     lr, mom = hyper(cfg, phase, L, epoch)          # epoch = samples seen / n_train
     loss, n = sg.step(params, grad, epoch=epoch)
     rule.apply(params.flat[lo:hi], grad.flat[lo:hi], lr, mom, lo)
+    if fine-tuning and [finetune] max_norm > 0:
+        apply_max_norm(layout, params.flat[lo:hi], lo, phase, max_norm)
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from dbnps.common.config import Config
+from dbnps.common.constraints import apply_max_norm
 from dbnps.common.dbn import accuracy
 from dbnps.common.errors import UserError
 from dbnps.common.job import apply_subsets, initial_params, layout_of, step_rng
@@ -44,6 +49,7 @@ def train_local(
     progress: bool = True,
     log: Callable[[str], Any] = print,
     on_epoch: EpochCallback | None = None,
+    init: np.ndarray | None = None,
 ) -> tuple[Params, list[dict[str, Any]]]:
     """Pretrain every RBM, then fine-tune, in this process; returns (params, history).
 
@@ -54,6 +60,9 @@ def train_local(
     elapsed_s (wall) and cpu_s (process CPU time, all threads).  `on_epoch(record, params)` is called after each record; a true
     return value stops training (e.g. a time-to-accuracy benchmark).
     [run] max_steps > 0 caps the total number of steps.
+    `init` (a flat float32 vector of the layout) replaces the seeded initial
+    parameters: with `[pretrain] epochs = 0` several fine-tuning variants start
+    from one saved pretraining instead of repeating it.
     """
     layout = layout_of(cfg)
     L = layout.n_layers
@@ -64,7 +73,15 @@ def train_local(
     X_eval, y_eval = (d.X_val, d.y_val) if split == "val" else (X_test, y_test)
     selection = Selection(keep_best=cfg.run.keep_best, target=cfg.run.target_accuracy)
     n_train = len(X)
-    params = layout.views(initial_params(cfg, layout, X))
+    if init is None:
+        params = layout.views(initial_params(cfg, layout, X))
+    else:
+        if init.shape != (layout.size,):
+            raise UserError(
+                f"initial parameters hold {init.size} floats, the layout {layout!r} needs "
+                f"{layout.size}"
+            )
+        params = layout.views(np.array(init, dtype=np.float32))
     grad = layout.zeros()
     sg = StepGradient(layout, cfg, X, y, step_rng(cfg.run.seed, 0))
     rule = make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
@@ -97,6 +114,7 @@ def train_local(
         lo, hi = layout.phase_range(phase)
         p_sl, g_sl = params.flat[lo:hi], grad.flat[lo:hi]
         finetune = phase == L
+        max_norm = cfg.finetune.max_norm if finetune else 0.0
         eval_every = cfg.run.eval_every_epochs
         bar = _bar(progress, target, name)
         done = 0
@@ -109,6 +127,8 @@ def train_local(
             lr, mom = hyper(cfg, phase, L, epoch)
             loss, n = sg.step(params, grad, epoch=epoch)
             rule.apply(p_sl, g_sl, lr, mom, lo)
+            if max_norm:
+                apply_max_norm(layout, p_sl, lo, phase, max_norm)
             if not math.isfinite(loss):
                 raise UserError(
                     f"training diverged in {name} at epoch {epoch:.2f} (loss {loss}); "
