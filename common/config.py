@@ -79,6 +79,9 @@ class PSConfig:
     pretrain_n_fetch: int = 0  # n_fetch while pretraining; 0: same as n_fetch
     pretrain_n_push: int = 0  # n_push while pretraining; 0: same as n_push
     staleness_bound: int = 0  # tau; 0: unbounded. A push staler than tau is dropped
+    # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
+    # (staleness-aware lr, Zhang et al. IJCAI 2016); "none": every push weighs 1.
+    staleness_lr: str = "none"
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
@@ -231,6 +234,14 @@ def validate(cfg: Config) -> None:
     for key in ("pretrain_n_fetch", "pretrain_n_push"):
         _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: as n_fetch/n_push)")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
+    _check(
+        p.staleness_lr in ("none", "inverse"),
+        f"[ps] staleness_lr must be one of none, inverse, got {p.staleness_lr!r}",
+    )
+    _check(
+        p.staleness_lr == "none" or p.mode == "apply",
+        '[ps] staleness_lr = "inverse" needs mode = "apply" (the server weighs the pushes)',
+    )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")
     _check(

@@ -98,41 +98,40 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-# -- layout constants -------------------------------------------------------
-VERSION, PHASE, SAMPLES, STOP, MEMBERS, SEQ, MUTEX, DEAD = range(8)
-STOP_WORKERS, STOP_ALL = 1, 2
-
-
-def header_words(n_workers: int) -> int:
-    """int64 words of the pwin header for K workers (even: params stay 16-byte aligned)."""
-    n = DEAD + (n_workers + 63) // 64
-    return n + (n % 2)
-
-
-def dead_set(header: np.ndarray, n_workers: int) -> set[int]:
-    """Worker indices marked dead in a header's DEAD bitmask."""
-    out = set()
-    for w in range(n_workers):
-        if (int(header[DEAD + w // 64]) >> (w % 64)) & 1:
-            out.add(w)
-    return out
-
-
-MB_WORDS = 8
-PUSH_SEQ, ACK_SEQ, PULLED, N_SAMPLES, MB_PHASE, RESULT, LO, HI = range(MB_WORDS)
-
-ST_WORDS = 8
-STEPS, ST_SAMPLES, LOSS, HEARTBEAT, RATE, PUSHES, PULLS, STATE = range(ST_WORDS)
-STATE_RUNNING, STATE_DONE = 1.0, 2.0
-
-# RESULT codes written by the server for each push.
-APPLIED, REJECTED_NONFINITE, REJECTED_STALE, REJECTED_PHASE = 1, 2, 3, 4
-RESULT_NAMES = {
-    APPLIED: "applied",
-    REJECTED_NONFINITE: "nonfinite",
-    REJECTED_STALE: "stale",
-    REJECTED_PHASE: "phase",
-}
+from dbnps.common.protocol import (  # the words' meaning; this module owns where they live
+    ACK_SEQ,
+    APPLIED,
+    HEARTBEAT,
+    HI,
+    LO,
+    LOSS,
+    MB_PHASE,
+    MB_WORDS,
+    MEMBERS,
+    MUTEX,
+    N_SAMPLES,
+    PHASE,
+    PULLED,
+    PULLS,
+    PUSH_SEQ,
+    PUSHES,
+    RATE,
+    REJECTED_NONFINITE,
+    REJECTED_PHASE,
+    REJECTED_STALE,
+    RESULT,
+    SAMPLES,
+    SEQ,
+    ST_SAMPLES,
+    ST_WORDS,
+    STATE,
+    STEPS,
+    STOP,
+    VERSION,
+    Push,
+    dead_set,
+    header_words,
+)
 
 
 class PSTimeout(RuntimeError):
@@ -667,19 +666,6 @@ _STAT_INDEX = {
 
 
 # -- server side ------------------------------------------------------------
-@dataclass
-class Push:
-    worker: int
-    seq: int
-    pulled_version: int
-    n_samples: int
-    phase: int
-    lo: int  # offsets into this server's shard (accumulate mode: lo = VERSION it was added to)
-    hi: int
-    grad: np.ndarray | None  # view into the slot, valid until ack (None: accumulate mode)
-    result: int = 0  # accumulate mode: the outcome the worker reached under the mutex
-
-
 class PSServer:
     """Server-side endpoint over this rank's windows (local memory + self-RMA)."""
 
@@ -754,10 +740,9 @@ class PSServer:
         self._hwords.write1(self.me, 8 * MUTEX, 0)
         return True
 
-    def read_counters(self) -> tuple[int, int]:
-        """(VERSION, SAMPLES) of this rank's header (accumulate mode: workers advance them)."""
-        hdr = self._hwords.read(self.me, 0, 3)
-        return int(hdr[VERSION]), int(hdr[SAMPLES])
+    def see_remote_writes(self) -> None:
+        """Make the workers' accumulates into this rank's header visible to our loads."""
+        self.w.pwin.Sync()
 
     def poll(self) -> list[Push]:
         """Pending pushes (PUSH_SEQ > ACK_SEQ), oldest worker first."""

@@ -41,3 +41,33 @@ def phase_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
 
 def batch_size(cfg: Config, phase: int, n_layers: int) -> int:
     return cfg.pretrain.batch_size if phase < n_layers else cfg.finetune.batch_size
+
+
+class PhaseSchedule:
+    """The phase sequence pretrain-1 .. pretrain-L -> finetune -> done, by samples applied.
+
+    Rank 0 of the server decides with it when a phase is over; a phase of 0
+    epochs (e.g. `[pretrain] epochs = 0`) is skipped.  No MPI: tested in-process.
+    """
+
+    def __init__(self, cfg: Config, n_layers: int, n_train: int):
+        self.cfg, self.n_layers, self.n_train = cfg, n_layers, n_train
+        self.done_phase = n_layers + 1
+
+    def samples(self, phase: int) -> int:
+        """Samples `phase` lasts (0 for done)."""
+        return phase_samples(self.cfg, phase, self.n_layers, self.n_train)
+
+    def first_from(self, phase: int) -> int:
+        """`phase`, or the first later one that lasts > 0 samples (done at the latest)."""
+        while phase < self.done_phase and self.samples(phase) == 0:
+            phase += 1
+        return min(phase, self.done_phase)
+
+    def over(self, phase: int, samples: int) -> bool:
+        """`samples` applied in `phase` complete it."""
+        return phase < self.done_phase and samples >= self.samples(phase)
+
+    def after(self, phase: int) -> int:
+        """The phase that follows a completed `phase`."""
+        return self.first_from(phase + 1)

@@ -522,18 +522,19 @@ def _show(v) -> str:
     return f"{type(v).__name__} {r[:60] + '...' if len(r) > 60 else r}"
 
 
-def after_resume_hook(ps) -> None:
+def after_resume_hook(rank: int, job_state, barrier=None) -> None:
     """Test hook (`DBNPS_TEST_SNAPSHOT_AFTER_RESUME=DIR`): right after a resume, before
-    any worker pulls, rank 0 writes what the windows hold now, read back through
-    the same path as every checkpoint, into DIR.  Every server rank calls it."""
+    any worker pulls, rank 0 writes what the windows hold now (`job_state()`, the
+    same JobState every checkpoint is made of) into DIR.  Every server rank calls
+    it; `barrier` (S > 1) waits until every shard is restored."""
     folder = os.environ.get(AFTER_RESUME_ENV)
     if not folder:
         return
-    if ps.shard_states is not None:
-        ps.shard_states.barrier()  # every shard is restored before rank 0 reads it
-    if ps.topo.rank == 0:
+    if barrier is not None:
+        barrier()
+    if rank == 0:
         store = CheckpointStore(Path(folder), keep=1)
-        store.write(snapshot(ps.checkpoint_state(), note="after resume"))
+        store.write(snapshot(job_state(), note="after resume"))
 
 
 def _maybe_crash() -> None:
@@ -647,8 +648,9 @@ class Periodic:
             return True
         return bool(self.every_s) and time.monotonic() - self.last_time >= self.every_s
 
-    def take(self, ps) -> None:
-        snap = snapshot(ps.checkpoint_state(), job_id=self.job_id, note="periodic")
+    def take(self, state: JobState) -> None:
+        """Write `state` (the server's `checkpoint_state()`) in the background."""
+        snap = snapshot(state, job_id=self.job_id, note="periodic")
         self.last_version = int(snap.meta["version"])
         self.last_time = time.monotonic()
         self._pending = self._pool.submit(self._write, snap)

@@ -49,7 +49,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from dbnps.common import rma
+from dbnps.common import protocol as pr  # the words only: no MPI in the control plane
 from dbnps.common.config import Config
 from dbnps.common.errors import UserError
 from dbnps.runfiles import (
@@ -67,8 +67,6 @@ from dbnps.v1 import control_pb2 as pb
 SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # "dbnps.v1.Control"
 MAX_NOTE = 256
 MAX_TIMEOUT_S = 3600.0
-
-_WORKER_STATES = {0.0: "starting", rma.STATE_RUNNING: "running", rma.STATE_DONE: "done"}
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -525,7 +523,7 @@ class ControlPlane:
         p.fraction = min(st.samples_in_phase / st.phase_samples, 1.0) if st.phase_samples else 0.0
         msg.version = st.version
         msg.updates_applied = st.applied_total
-        rejected = {name: 0 for name in rma.RESULT_NAMES.values() if name != "applied"}
+        rejected = {name: 0 for name in pr.RESULT_NAMES.values() if name != "applied"}
         rejected.update(dict(st.rejected))
         msg.updates_rejected.update(rejected)
         msg.bytes_received = st.bytes_in
@@ -541,29 +539,26 @@ class ControlPlane:
         applied, rejected_w = st.worker_applied.copy(), st.worker_rejected.copy()
         for w in range(st.n_workers):
             row = stats[w]
-            beat = float(row[rma.HEARTBEAT])
+            beat = float(row[pr.HEARTBEAT])
             age = now - beat if beat > 0 else -1.0
-            state = _WORKER_STATES.get(float(row[rma.STATE]), "unknown")
-            # The server's own verdict ([ps] heartbeat_timeout_s), not a second rule here.
-            alive = bool(st.worker_alive[w]) and state != "done"
-            if not st.worker_alive[w]:
-                state = "lost"
+            state = st.members.state(w)  # the one liveness rule (dbnps.common.membership)
+            alive = st.members.up(w)
             msg.workers.add(
                 worker=w,
                 rank=st.n_servers + w,
                 state=state,
                 alive=alive,
-                steps=int(row[rma.STEPS]),
-                samples=int(row[rma.ST_SAMPLES]),
-                samples_per_second=float(row[rma.RATE]),
+                steps=int(row[pr.STEPS]),
+                samples=int(row[pr.ST_SAMPLES]),
+                samples_per_second=float(row[pr.RATE]),
                 heartbeat_age_seconds=age,
-                loss=float(row[rma.LOSS]),
-                pushes=int(row[rma.PUSHES]),
-                pulls=int(row[rma.PULLS]),
+                loss=float(row[pr.LOSS]),
+                pushes=int(row[pr.PUSHES]),
+                pulls=int(row[pr.PULLS]),
                 updates_applied=int(applied[w]),
                 updates_rejected=int(rejected_w[w]),
             )
-        msg.samples_per_second = float(stats[:, rma.RATE].sum())
+        msg.samples_per_second = float(stats[:, pr.RATE].sum())
         if st.loss == st.loss:
             msg.has_loss, msg.loss = True, st.loss
         if st.test_accuracy == st.test_accuracy:

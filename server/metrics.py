@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from dbnps.common import rma
+from dbnps.common import protocol as rma  # the words only: metrics never import MPI
 from dbnps.common.errors import UserError
 from dbnps.server.state import STALENESS_BUCKETS
 
@@ -175,7 +175,11 @@ def _worker_metrics(st):
         "Seconds since the worker's last report.",
         labels=labels,
     )
-    up = GaugeMetricFamily("dbnps_worker_up", "1 while the worker trains.", labels=labels)
+    up = GaugeMetricFamily(
+        "dbnps_worker_up",
+        "1 while the worker is expected to train (starting or running).",
+        labels=labels,
+    )
     steps = CounterMetricFamily("dbnps_worker_steps", "Worker minibatch steps.", labels=labels)
     samples = CounterMetricFamily("dbnps_worker_samples", "Worker training samples.", labels=labels)
     applied = CounterMetricFamily(
@@ -193,8 +197,7 @@ def _worker_metrics(st):
         rate.add_metric(lv, float(row[rma.RATE]))
         if beat > 0:
             age.add_metric(lv, now - beat)
-        running = row[rma.STATE] == rma.STATE_RUNNING and st.worker_alive[w]
-        up.add_metric(lv, float(running))  # 0 once done or marked dead (no heartbeat)
+        up.add_metric(lv, float(st.members.up(w)))  # the one rule: starting or running
         steps.add_metric(lv, float(row[rma.STEPS]))
         samples.add_metric(lv, float(row[rma.ST_SAMPLES]))
         applied.add_metric(lv, int(st.worker_applied[w]))

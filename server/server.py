@@ -1,11 +1,14 @@
 """Parameter-server rank: owns a shard of the flat parameter vector and applies pushes.
 
-The talk's Algorithm 4, server half: workers' gradients arrive in their
-mailbox slots (see `dbnps.common.rma`); this loop validates each push
-(phase, staleness bound tau, finite values), sums the accepted ones, and
-applies the sum with the pluggable update rule (`dbnps.common.updaters`):
-one pass of the rule per batch of pending pushes, so ingest stays cheap as
-the number of workers grows.  Rank 0 also decides the phase schedule
+The talk's Algorithm 4, server half, as a short composition: the transport
+(`dbnps.common.rma.PSServer`) hands the loop the pending pushes (`poll`), the
+request handle (`dbnps.server.handle`, default `Aggregate`: validate, sum,
+apply with the update rule) decides and applies them, the transport acks
+them (`ack`).  One pass of the rule per batch of pending pushes, so ingest
+stays cheap as the number of workers grows.  The phase schedule
+(`dbnps.common.schedule.PhaseSchedule`) and membership
+(`dbnps.common.membership`) are plain objects too; this module wires them to
+the windows.  Rank 0 also decides the phase schedule
 (pretrain layer 1..L -> fine-tune -> done) from samples applied, evaluates
 test accuracy, and writes the model and a run summary at the end.
 
@@ -16,6 +19,7 @@ the phase schedule follows the SAMPLES word they advance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dbnps.common import protocol as pr
 from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.layout import Layout
-from dbnps.common.schedule import hyper, phase_samples
+from dbnps.common.schedule import PhaseSchedule, hyper
 from dbnps.common.selection import Selection
 from dbnps.common.updaters import make_rule
+from dbnps.server.handle import Aggregate, RequestHandle, Shard
 from dbnps.server.state import ServerState
 
 MAX_HISTORY = 5000  # entries kept in the status/summary history (the oldest go first)
@@ -50,8 +56,12 @@ class ParameterServer:
         log=print,
         on_tick=None,
         resume: tuple[np.ndarray, dict, dict] | None = None,
+        handle: RequestHandle | None = None,
     ):
-        """`resume`: a verified checkpoint (params, rule state, meta) to continue from."""
+        """`resume`: a verified checkpoint (params, rule state, meta) to continue from.
+
+        `handle`: the request handle deciding on each batch of pushes (default
+        `Aggregate` over the configured update rule; apply mode only)."""
         self.cfg = cfg
         self.topo = topo
         self.layout = layout
@@ -69,15 +79,27 @@ class ParameterServer:
         self.lo, self.hi = self.ps.lo, self.ps.hi
         names = [layout.phase_name(p) for p in range(layout.done_phase + 1)]
         self.state = ServerState(
-            topo.n_workers, topo.n_servers, names, n_train=n_train, eval_split=eval_split
+            topo.n_workers,
+            topo.n_servers,
+            names,
+            n_train=n_train,
+            eval_split=eval_split,
+            words=self.ps.header,  # version, phase, samples: the window's words, one copy
+            heartbeat_timeout_s=cfg.ps.heartbeat_timeout_s,
         )
+        self.schedule = PhaseSchedule(cfg, layout.n_layers, n_train)
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
+        self.handle = handle or Aggregate(
+            self.rule,
+            staleness_bound=cfg.ps.staleness_bound,
+            staleness_lr=cfg.ps.staleness_lr,
+            constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
+        )
         # S > 1: each shard's rule state lives in a window rank 0 reads for checkpoints
         self.shard_states = None
         if topo.n_servers > 1:
             self.shard_states = rma.ShardStates(topo, self.win.bounds, list(self.rule.state()))
             self.shard_states.bind(self.rule)
-        self._agg = np.empty(self.hi - self.lo, dtype=np.float32)
         self._flat = np.empty(layout.size, dtype=np.float32)  # rank 0 snapshot for eval
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="eval") if topo.rank == 0 else None
         self._eval: Future | None = None
@@ -88,17 +110,16 @@ class ParameterServer:
         self.checkpointer = None  # rank 0: a checkpoint.Periodic, set by dbnps.server.__main__
         self.progress_every_s = 0.0  # rank 0, > 0: print `[progress] {json}` lines for psctl
         self._last_progress = 0.0
-        first, version, samples = self._next_nonempty_phase(0), 0, 0
+        first, version, samples = self.schedule.first_from(0), 0, 0
         if resume is not None:
             init_flat, first, version, samples = self._restore(*resume)
         self.ps.begin_write()
         self.ps.params[:] = init_flat[self.lo : self.hi]
-        self.ps.header[rma.PHASE] = first  # the other words are zero (Windows.zero)
-        self.ps.header[rma.VERSION] = version
-        self.ps.header[rma.SAMPLES] = samples
+        self.ps.header[pr.PHASE] = first  # the other words are zero (Windows.zero)
+        self.ps.header[pr.VERSION] = version
+        self.ps.header[pr.SAMPLES] = samples
         self.ps.end_write()
-        self.state.phase, self.state.phase_samples = first, self._phase_samples(first)
-        self.state.version, self.state.samples_in_phase = version, samples
+        self.state.phase_samples = self.schedule.samples(first)
         self._shard_state_restored(resume)
         topo.comm.Barrier()  # parameters and phase are set before any worker pulls
         self.log(f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s)")
@@ -117,7 +138,7 @@ class ParameterServer:
                 f"checkpoint holds {params.dtype}{list(params.shape)} parameters, the layout "
                 f"needs float32[{self.layout.size}]"
             )
-        phase = self._next_nonempty_phase(int(meta["phase"]))
+        phase = self.schedule.first_from(int(meta["phase"]))
         same_phase = phase == int(meta["phase"])
         samples = int(meta["samples_in_phase"]) if same_phase else 0
         version = int(meta["version"])
@@ -151,23 +172,13 @@ class ParameterServer:
         return params, phase, version, samples
 
     # -- phase schedule (rank 0 decides; followers copy) --------------------
-    def _phase_samples(self, phase: int) -> int:
-        return phase_samples(self.cfg, phase, self.layout.n_layers, self.state.n_train)
-
-    def _next_nonempty_phase(self, phase: int) -> int:
-        """`phase`, or the first later one that lasts > 0 samples (e.g. pretrain epochs = 0)."""
-        while phase < self.layout.done_phase and self._phase_samples(phase) == 0:
-            phase += 1
-        return phase
-
     def _set_phase(self, phase: int) -> None:
         st = self.state
         self.ps.begin_write()
-        self.ps.header[rma.PHASE] = phase
-        self.ps.header[rma.SAMPLES] = 0
+        self.ps.header[pr.PHASE] = phase
+        self.ps.header[pr.SAMPLES] = 0
         self.ps.end_write()
-        st.phase, st.samples_in_phase = phase, 0
-        st.phase_samples = self._phase_samples(phase)
+        st.phase_samples = self.schedule.samples(phase)
         self._shard_write_begin()
         self.rule.reset()
         self._shard_write_end(st.version)
@@ -179,103 +190,108 @@ class ParameterServer:
         st = self.state
         if st.phase == self.layout.finetune_phase or st.phase < self.layout.n_layers:
             self._record(final_of_phase=True)
-        self._set_phase(self._next_nonempty_phase(st.phase + 1))
+        self._set_phase(self.schedule.after(st.phase))
 
     def _follow_rank0(self) -> bool:
         """Copy rank 0's phase; True when rank 0 says every worker has left."""
         hdr = self.ps.remote_header(0)
-        if int(hdr[rma.PHASE]) != self.state.phase:
-            self._set_phase(int(hdr[rma.PHASE]))
-        return int(hdr[rma.STOP]) == rma.STOP_ALL
+        if int(hdr[pr.PHASE]) != self.state.phase:
+            self._set_phase(int(hdr[pr.PHASE]))
+        return int(hdr[pr.STOP]) == pr.STOP_ALL
 
     def request_stop(self) -> None:
         """Rank 0, main thread: publish phase `done` + STOP; workers leave at their next pull."""
         st = self.state
-        self.ps.begin_write()
-        self.ps.header[rma.PHASE] = self.layout.done_phase
-        self.ps.header[rma.STOP] = 1
-        self.ps.end_write()
         st.stopped_in = st.phase_name
-        st.phase = self.layout.done_phase
+        self.ps.begin_write()
+        self.ps.header[pr.PHASE] = self.layout.done_phase
+        self.ps.header[pr.STOP] = pr.STOP_WORKERS
+        self.ps.end_write()
         st.stopped = True
         self.log(f"[server] stop requested at version {st.version}")
 
-    # -- the request handle --------------------------------------------------
-    def handle(self, pushes: list[rma.Push]) -> None:
-        """Validate, aggregate and apply a batch of pushes; ack every one."""
-        st, cfg = self.state, self.cfg
-        if self.topo.rank != 0 and any(p.phase != st.phase for p in pushes):
-            self._follow_rank0()
+    # -- the request handle's call ---------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self):
+        """The bracket around a change of the shard: seqlock (and ShardStates) odd, then even."""
+        self._shard_write_begin()
+        self.ps.begin_write()
+        try:
+            yield
+        finally:
+            self.ps.end_write()
+            self._shard_write_end(self.state.version)
+
+    def _shard_now(self) -> Shard:
+        """This rank's shard as the request handle sees it: the phase's range, lr, momentum."""
+        st = self.state
         plo, phi = self.layout.phase_range(st.phase)
         a, b = max(plo, self.lo) - self.lo, min(phi, self.hi) - self.lo
-        a, b = (a, b) if b > a else (0, 0)
-        results: dict[int, int] = {}
-        candidates: list[rma.Push] = []
-        for p in pushes:
-            staleness = st.version - p.pulled_version
-            if p.phase != st.phase or st.phase >= self.layout.done_phase or (p.lo, p.hi) != (a, b):
-                results[p.worker] = rma.REJECTED_PHASE
-            elif cfg.ps.staleness_bound and staleness > cfg.ps.staleness_bound:
-                results[p.worker] = rma.REJECTED_STALE
-            else:
-                candidates.append(p)
+        lr, mom = hyper(self.cfg, st.phase, self.layout.n_layers, st.epoch)
+        return Shard(
+            params=self.ps.params,
+            header=self.ps.header,
+            phase_range=(a, b) if b > a else (0, 0),
+            open=st.phase < self.layout.done_phase,
+            lr=lr,
+            momentum=mom,
+            write=self._writing,
+        )
+
+    def _max_norm(self, shard: Shard) -> None:
+        """`[finetune] max_norm`: each unit's incoming weights to norm <= c after an update."""
+        from dbnps.common.constraints import apply_max_norm
+
+        if shard.phase == self.layout.finetune_phase:
+            apply_max_norm(
+                self.layout, shard.params, self.lo, shard.phase, self.cfg.finetune.max_norm
+            )
+
+    def serve(self, pushes: list[pr.Push]) -> None:
+        """One batch: the request handle decides and applies, the books follow, every push is acked."""
+        st = self.state
+        if self.topo.rank != 0 and any(p.phase != st.phase for p in pushes):
+            self._follow_rank0()
         t0 = time.perf_counter()
-        accepted, agg = self._sum_finite(candidates, a, b)
-        ok = {p.worker for p in accepted}
-        for p in candidates:
-            if p.worker in ok:
-                results[p.worker] = rma.APPLIED
-                st.record_staleness(max(st.version - p.pulled_version, 0))
-            else:
-                results[p.worker] = rma.REJECTED_NONFINITE
-        if accepted:
-            lr, mom = hyper(cfg, st.phase, self.layout.n_layers, st.epoch)
-            n = sum(p.n_samples for p in accepted)
-            self._shard_write_begin()
-            self.ps.begin_write()
-            self.rule.apply(self.ps.params[a:b], agg, lr, mom, a)  # agg is scratch afterwards
-            self.ps.header[rma.VERSION] += len(accepted)
-            if self.topo.rank == 0:
-                self.ps.header[rma.SAMPLES] += n
-            self.ps.end_write()
-            self._shard_write_end(st.version + len(accepted))
+        out = self.handle(pushes, self._shard_now())
+        if out.applied:
             st.apply_seconds += time.perf_counter() - t0
             st.last_apply = time.time()
             st.first_apply = st.first_apply or st.last_apply
-            st.version += len(accepted)
-            st.applied_total += len(accepted)
-            st.samples_in_phase += n
-            st.bytes_in += 4 * (b - a) * len(accepted)
-            if self.topo.rank == 0 and st.samples_in_phase >= st.phase_samples:
+            st.applied_total += out.applied
+            a, b = self._shard_now().phase_range
+            st.bytes_in += 4 * (b - a) * out.applied
+            for tau in out.staleness:
+                st.record_staleness(tau)
+            if self.topo.rank == 0 and self.schedule.over(st.phase, st.samples_in_phase):
                 # Before the acks: a synchronous worker's next pull must see the new phase.
                 self._end_phase()
-        self._ack_all(pushes, results)
+        self._ack_all(pushes, out.results)
 
-    def _ack_all(self, pushes: list[rma.Push], results: dict[int, int]) -> None:
+    def _ack_all(self, pushes: list[pr.Push], results: dict[int, int]) -> None:
         st = self.state
         for p in pushes:
             res = results[p.worker]
             self.ps.ack(p, res)
-            if res == rma.APPLIED:
+            if res == pr.APPLIED:
                 st.worker_applied[p.worker] += 1
                 st.nonfinite_in_a_row = 0
             else:
-                if res == rma.REJECTED_NONFINITE:
+                if res == pr.REJECTED_NONFINITE:
                     st.nonfinite_in_a_row += 1
                 st.worker_rejected[p.worker] += 1
-                name = rma.RESULT_NAMES[res]
+                name = pr.RESULT_NAMES[res]
                 st.rejected[name] = st.rejected.get(name, 0) + 1
 
     # -- accumulate mode: workers applied their own increments --------------
     def _follow_header(self) -> None:
         """Rank 0: take VERSION and SAMPLES from the header the workers advance; end the phase."""
         st = self.state
-        version, samples = self.ps.read_counters()
-        st.version, st.samples_in_phase = version, samples
-        if st.phase < self.layout.done_phase and samples >= st.phase_samples:
+        self.ps.see_remote_writes()
+        if self.schedule.over(st.phase, st.samples_in_phase):
             self._end_phase()
 
-    def count(self, pushes: list[rma.Push]) -> None:
+    def count(self, pushes: list[pr.Push]) -> None:
         """Record what the workers did under the lock (staleness, results); ack every one.
 
         The phase is settled first, so a synchronous worker's next pull sees it.
@@ -283,7 +299,7 @@ class ParameterServer:
         st = self.state
         self._follow_header()
         for p in pushes:
-            if p.result == rma.APPLIED:
+            if p.result == pr.APPLIED:
                 st.record_staleness(max(p.lo - p.pulled_version, 0))  # lo: version added to
                 st.applied_total += 1
                 plo, phi = self.layout.phase_range(p.phase)  # st.phase may have moved on
@@ -291,40 +307,6 @@ class ParameterServer:
                 st.last_apply = time.time()
                 st.first_apply = st.first_apply or st.last_apply
         self._ack_all(pushes, {p.worker: p.result for p in pushes})
-
-    def _sum_finite(
-        self, pushes: list[rma.Push], a: int, b: int
-    ) -> tuple[list[rma.Push], np.ndarray]:
-        """The pushes whose values are all finite, and their sum (a scratch buffer).
-
-        `np.dot(g, g)` is one BLAS read pass and is non-finite iff some element is
-        NaN/Inf (or the norm overflows float32, refused as well).  With several
-        pushes we check the sum once and look at single pushes only if it is bad.
-        A lone push is summed in place: its slot is scratch until we ack it.
-        """
-
-        def finite(g: np.ndarray) -> bool:
-            return bool(np.isfinite(np.dot(g, g)))
-
-        if not pushes:
-            return [], self._agg[:0]
-        if b <= a:  # this shard holds nothing of the phase: nothing to check or sum
-            return list(pushes), self._agg[:0]
-        if len(pushes) == 1:
-            g = pushes[0].grad
-            return (list(pushes), g) if finite(g) else ([], g)
-        agg = self._agg[a:b]
-        np.copyto(agg, pushes[0].grad)
-        for p in pushes[1:]:
-            agg += p.grad
-        if finite(agg):
-            return list(pushes), agg
-        good = [p for p in pushes if finite(p.grad)]
-        if good:
-            np.copyto(agg, good[0].grad)
-            for p in good[1:]:
-                agg += p.grad
-        return good, agg
 
     # -- evaluation and logging (rank 0) -----------------------------------
     def _record(
@@ -358,7 +340,7 @@ class ParameterServer:
         if len(st.history) > MAX_HISTORY:  # status and summaries stay small on long jobs
             del st.history[: len(st.history) - MAX_HISTORY]
         self._print_progress()
-        rate = float(st.worker_stats[:, rma.RATE].sum())
+        rate = float(st.worker_stats[:, pr.RATE].sum())
         acc = (
             f"  {st.eval_split} acc {st.eval_accuracy:.4f}"
             if finetune and st.eval_accuracy == st.eval_accuracy
@@ -397,7 +379,7 @@ class ParameterServer:
                 self._follow_header()  # a phase can end before its last record arrives
             if pushes:
                 t0 = time.perf_counter()
-                (self.count if self.accumulate else self.handle)(pushes)
+                (self.count if self.accumulate else self.serve)(pushes)
                 st.busy_seconds += time.perf_counter() - t0
                 pause = 1e-5
             else:
@@ -416,42 +398,27 @@ class ParameterServer:
                 self.on_tick(self)
         if self.topo.rank == 0:
             self.ps.begin_write()
-            self.ps.header[rma.STOP] = rma.STOP_ALL  # followers leave their loops
+            self.ps.header[pr.STOP] = pr.STOP_ALL  # followers leave their loops
             self.ps.end_write()
         st.done = True
         return st
 
     # -- membership (rank 0): heartbeats in the stats region ---------------
     def refresh_workers(self) -> None:
-        """Rank 0, main thread: read the stats rows; update loss, heartbeat ages, liveness."""
-        st = self.state
-        st.worker_stats = self.ps.read_stats()  # one reference swap for readers on other threads
-        seen = st.worker_stats[:, rma.HEARTBEAT] > 0
-        if seen.any():
-            st.loss = float(np.mean(st.worker_stats[seen, rma.LOSS]))
-        now = time.time()
-        beat = st.worker_stats[:, rma.HEARTBEAT]
-        # A worker that has not reported yet counts from the server's start.
-        st.heartbeat_age = now - np.where(beat > 0, beat, st.start_time)
-        timeout = self.cfg.ps.heartbeat_timeout_s
-        for w in range(self.topo.n_workers):
-            done = st.worker_stats[w, rma.STATE] == rma.STATE_DONE
-            if st.worker_alive[w] and not done and st.heartbeat_age[w] > timeout:
-                self._mark_dead(w, f"no heartbeat for {st.heartbeat_age[w]:.0f}s")
+        """Rank 0, main thread: read the stats rows; mark the silent workers dead."""
+        for w, why in self.state.members.observe(self.ps.read_stats(), time.time()):
+            self._mark_dead(w, why)
 
     def _mark_dead(self, w: int, why: str) -> None:
         """Publish worker w as dead: survivors re-shard its data at their next pull."""
-        st = self.state
-        st.worker_alive[w] = False
         if self.ps.break_mutex(w):  # accumulate mode: it died inside its critical section
             self.log(f"[server] worker {w} died holding the parameter mutex; taken back")
         self.ps.begin_write()
-        self.ps.header[rma.DEAD + w // 64] |= np.int64(1) << np.int64(w % 64)
-        self.ps.header[rma.MEMBERS] += 1
+        pr.mark_dead(self.ps.header, w)
         self.ps.end_write()
         self.log(
             f"[server] worker {w} (rank {self.topo.n_servers + w}) marked dead: {why}; "
-            f"its shard is redistributed over {int(st.worker_alive.sum())} workers"
+            f"its shard is redistributed over {int(self.state.worker_alive.sum())} workers"
         )
 
     def _all_workers_left(self) -> bool:
@@ -459,9 +426,7 @@ class ParameterServer:
             return False
         self._last_refresh = time.time()
         self.refresh_workers()
-        st = self.state
-        done = st.worker_stats[:, rma.STATE] == rma.STATE_DONE
-        return bool(np.all(done | ~st.worker_alive))
+        return self.state.members.all_left
 
     def _check_divergence(self) -> None:
         """Rank 0: a job whose pushes are all non-finite, or whose loss blew up, is over.
@@ -479,8 +444,8 @@ class ParameterServer:
             why = f"{st.nonfinite_in_a_row} pushes in a row had non-finite gradients"
         else:
             stats = st.worker_stats
-            stepped = stats[:, rma.STEPS] > 0  # a loss was computed and reported
-            loss = float(np.mean(stats[stepped, rma.LOSS])) if stepped.any() else 0.0
+            stepped = stats[:, pr.STEPS] > 0  # a loss was computed and reported
+            loss = float(np.mean(stats[stepped, pr.LOSS])) if stepped.any() else 0.0
             bound = self.cfg.run.max_loss
             if not (loss > bound or loss != loss):
                 return
@@ -531,7 +496,7 @@ class ParameterServer:
             and self.state.phase < self.layout.done_phase
             and c.due(self.state.version)
         ):
-            c.take(self)
+            c.take(self.checkpoint_state())
 
     def _stop_at_target(self) -> None:
         """[run] target_accuracy > 0: end fine-tuning once an evaluation reaches it (rank 0).
@@ -564,7 +529,8 @@ class ParameterServer:
         if resume is not None:
             from dbnps.server.checkpoint import after_resume_hook
 
-            after_resume_hook(self)
+            barrier = self.shard_states.barrier if self.shard_states is not None else None
+            after_resume_hook(self.topo.rank, self.checkpoint_state, barrier)
 
     def checkpoint_state(self):
         """Rank 0, main thread: what a checkpoint holds, every shard's (a checkpoint.JobState).
@@ -622,7 +588,7 @@ class ParameterServer:
         result = None
         if self.topo.rank == 0:
             st = self.state
-            st.worker_stats = self.ps.read_stats()
+            st.members.stats = self.ps.read_stats()  # the workers' final rows
             self._collect_eval(block=True)
             self.ps.gather_params(self._flat)
             # Fine-tuned: the schedule ran through it, or a stop came during it (a stop

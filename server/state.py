@@ -2,7 +2,9 @@
 
 The training loop owns and mutates this object; readers (gRPC handlers,
 Prometheus collectors, the log line) only read it, so there is one copy of
-every number.  Plain Python ints/floats and small numpy arrays: a reader on
+every number: version, phase and samples are read from the rank's header
+words (`words`, the window memory the workers pull from), the workers' rows
+and liveness from `members` (`dbnps.common.membership`).  Plain Python ints/floats and small numpy arrays: a reader on
 another thread may see a value one update old, never a torn one that matters.
 """
 
@@ -12,6 +14,18 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from dbnps.common.membership import Membership
+from dbnps.common.protocol import (
+    LOSS,
+    PULLS,
+    PUSHES,
+    RATE,
+    ST_SAMPLES,
+    STEPS,
+    Header,
+    header_words,
+)
 
 # Staleness histogram bucket upper bounds (in parameter versions), Prometheus-style.
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -23,9 +37,8 @@ class ServerState:
     n_servers: int
     phase_names: list[str]
     start_time: float = field(default_factory=time.time)
-    phase: int = 0
-    version: int = 0
-    samples_in_phase: int = 0
+    words: np.ndarray | None = None  # int64 header words (default: private zeros, for tests)
+    heartbeat_timeout_s: float = float("inf")
     phase_samples: int = 0  # samples the current phase lasts
     n_train: int = 0
     applied_total: int = 0
@@ -44,7 +57,6 @@ class ServerState:
     eval_accuracy: float = float("nan")  # the last evaluation, on eval_split
     test_accuracy: float = float("nan")  # the last test-set accuracy (eval_split test, or the end)
     saved: dict = field(default_factory=dict)  # what finish() wrote: which, version, accuracies
-    loss: float = float("nan")
     done: bool = False  # every worker has left
     stopped: bool = False  # ended by a stop request, not by the schedule
     stopped_in: str = ""  # the phase a stop request came in
@@ -54,17 +66,27 @@ class ServerState:
     # per worker (index = worker number, world rank = n_servers + index)
     worker_applied: np.ndarray = field(init=False)
     worker_rejected: np.ndarray = field(init=False)
-    worker_stats: np.ndarray = field(init=False)  # float64[K, ST_WORDS] from the window
-    worker_alive: np.ndarray = field(init=False)  # False once marked dead (no heartbeat)
-    heartbeat_age: np.ndarray = field(init=False)  # seconds since each worker's last report
+    members: Membership = field(init=False)
 
     def __post_init__(self) -> None:
         K = self.n_workers
+        if self.words is None:
+            self.words = np.zeros(header_words(K), dtype=np.int64)
+        self.header = Header(self.words, K)
         self.worker_applied = np.zeros(K, dtype=np.int64)
         self.worker_rejected = np.zeros(K, dtype=np.int64)
-        self.worker_stats = np.zeros((K, 8), dtype=np.float64)
-        self.worker_alive = np.ones(K, dtype=bool)
-        self.heartbeat_age = np.zeros(K, dtype=np.float64)
+        self.members = Membership(K, self.heartbeat_timeout_s, self.start_time)
+
+    # the header's words: the one copy (pulls read the same memory)
+    version = property(lambda self: self.header.version)
+    phase = property(lambda self: self.header.phase)
+    samples_in_phase = property(lambda self: self.header.samples)
+
+    # the workers' stats rows (float64[K, ST_WORDS], read from the window) and liveness
+    worker_stats = property(lambda self: self.members.stats)
+    worker_alive = property(lambda self: self.members.alive)
+    heartbeat_age = property(lambda self: self.members.heartbeat_age)
+    loss = property(lambda self: self.members.loss)  # mean over the workers that reported
 
     @property
     def phase_name(self) -> str:
@@ -130,13 +152,14 @@ class ServerState:
                     "rank": self.n_servers + w,
                     "applied": int(self.worker_applied[w]),
                     "rejected": int(self.worker_rejected[w]),
-                    "steps": int(self.worker_stats[w, 0]),
-                    "samples": int(self.worker_stats[w, 1]),
-                    "loss": float(self.worker_stats[w, 2]),
-                    "samples_per_s": float(self.worker_stats[w, 4]),
-                    "pushes": int(self.worker_stats[w, 5]),
-                    "pulls": int(self.worker_stats[w, 6]),
+                    "steps": int(self.worker_stats[w, STEPS]),
+                    "samples": int(self.worker_stats[w, ST_SAMPLES]),
+                    "loss": float(self.worker_stats[w, LOSS]),
+                    "samples_per_s": float(self.worker_stats[w, RATE]),
+                    "pushes": int(self.worker_stats[w, PUSHES]),
+                    "pulls": int(self.worker_stats[w, PULLS]),
                     "alive": bool(self.worker_alive[w]),
+                    "state": self.members.state(w),
                     "heartbeat_age_s": round(float(self.heartbeat_age[w]), 3),
                 }
                 for w in range(self.n_workers)

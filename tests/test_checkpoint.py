@@ -382,12 +382,9 @@ import resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_checkpoint import _job_state
 from dbnps.server.checkpoint import CheckpointStore, Periodic
-class PS:
-    def checkpoint_state(self):
-        return _job_state(20)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 p = Periodic(CheckpointStore({str(store.dir)!r}), every_updates=1, log=print)
-p.take(PS())
+p.take(_job_state(20))
 p.close()
 print("still training")
 """

@@ -27,8 +27,11 @@ from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
+from dbnps.common.membership import live_shard
+from dbnps.common.protocol import PHASE, STATE_DONE, STATE_RUNNING
 from dbnps.common.schedule import hyper, phase_samples
 from dbnps.common.updaters import make_rule
+from dbnps.worker.cadence import Cadence
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Worker:
         self.params = layout.zeros()
         self.grad = layout.zeros()
         sums_steps = cfg.ps.n_push > 1 or cfg.ps.pretrain_n_push > 1
-        self.acc = layout.zeros() if sums_steps else self.grad
+        self.acc = layout.zeros().flat if sums_steps else None  # Cadence's sum buffer
         self.rule = (  # accumulate mode only
             make_rule(cfg.ps.update_rule, layout.size, adagrad_eps=cfg.ps.adagrad_eps)
             if accumulate
@@ -108,7 +111,7 @@ class Worker:
         if self.faults.synthetic_grad is None:
             self._reshard(set())
         topo.comm.Barrier()  # the server has initialised its parameters
-        self.client.report(state=rma.STATE_RUNNING)  # first heartbeat
+        self.client.report(state=STATE_RUNNING)  # first heartbeat
 
     def _arm_kill_hooks(self) -> None:
         """Test hooks: SIGKILL this worker at a chosen point of the protocol."""
@@ -132,11 +135,11 @@ class Worker:
         from dbnps.common.mnist import shard
         from dbnps.common.steps import StepGradient
 
-        live = [w for w in range(self.topo.n_workers) if w not in dead]
-        if self.me not in live:
+        part = live_shard(self.me, dead, self.topo.n_workers)
+        if part is None:
             return False
         if self.faults.synthetic_grad is None:
-            X, y = shard(self.X_all, self.y_all, live.index(self.me), len(live))
+            X, y = shard(self.X_all, self.y_all, *part)
             self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
         return True
 
@@ -197,11 +200,10 @@ class Worker:
 
     def _run(self) -> None:
         cfg, layout, client = self.cfg, self.layout, self.client
-        n_fetch = n_push = phase_steps = 1
+        cadence = Cadence(1, 1)
         info = client.pull(self.params.flat, 0, layout.size)
         phase = -1
         steps = pushes = pulls = 0
-        acc_samples = acc_steps = 0
         samples = 0
         loss = float("nan")
         t_rate, s_rate = time.monotonic(), 0
@@ -223,12 +225,11 @@ class Worker:
                     pulls += 1
                     if info.phase >= layout.done_phase:
                         break
-                client.report(state=rma.STATE_RUNNING)  # begin_phase can take a while
+                client.report(state=STATE_RUNNING)  # begin_phase can take a while
                 phase = info.phase
                 if self.sampler is not None:
                     self._local_begin_phase(phase)
-                acc_samples = acc_steps = phase_steps = 0
-                n_fetch, n_push = cfg.ps.every(pretraining=phase < layout.n_layers)
+                cadence = Cadence(*cfg.ps.every(pretraining=phase < layout.n_layers), self.acc)
                 if self.rule is not None:
                     self.rule.reset()  # as the server's rule does at a phase change
                 prof = profile.phase(layout.phase_name(phase))
@@ -238,28 +239,19 @@ class Worker:
             loss, n = self._step(phase, info.samples / max(self.n_train, 1))
             prof["step"] += time.perf_counter() - t0
             prof["steps"] += 1
-            acc = self.acc if n_push > 1 else self.grad  # n_push 1: push the gradient as is
-            if n_push > 1:
-                if acc_steps == 0:
-                    acc.flat[lo:hi] = self.grad.flat[lo:hi]
-                else:
-                    acc.flat[lo:hi] += self.grad.flat[lo:hi]
-            acc_samples += n
-            acc_steps += 1
-            phase_steps += 1
             steps += 1
             samples += n
-            if acc_steps == n_push:
+            out = cadence.step(self.grad.flat, lo, hi, n)  # due: the gradient (sum) to push
+            if out is not None:
                 if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
-                    acc.flat[lo] = np.float32("nan")
+                    out[lo] = np.float32("nan")
                 t0 = time.perf_counter()
                 if self.rule is not None:
-                    self._accumulate(acc.flat, lo, hi, acc_samples, phase, info.samples)
+                    self._accumulate(out, lo, hi, cadence.samples, phase, info.samples)
                 else:
-                    client.push(acc.flat, lo, hi, n_samples=acc_samples, phase=phase)
+                    client.push(out, lo, hi, n_samples=cadence.samples, phase=phase)
                 prof["push"] += time.perf_counter() - t0
                 pushes += 1
-                acc_samples = acc_steps = 0
                 if cfg.ps.sync:
                     client.wait()
                 now = time.monotonic()
@@ -273,11 +265,11 @@ class Worker:
                     rate=rate,
                     pushes=pushes,
                     pulls=pulls,
-                    state=rma.STATE_RUNNING,
+                    state=STATE_RUNNING,
                 )
             if cfg.run.max_steps and steps >= cfg.run.max_steps:
                 break
-            if phase_steps % n_fetch == 0:
+            if cadence.pull_due:
                 # Read your own writes: a pull that races our in-flight push would
                 # hand us parameters without our last update (staleness >= 1 even
                 # alone, which momentum turns into oscillation).  The wait is one
@@ -293,7 +285,7 @@ class Worker:
                 pulls += 1
             else:
                 hdr = client.header(0)
-                if int(hdr[rma.PHASE]) != phase:
+                if int(hdr[PHASE]) != phase:
                     info = client.pull(self.params.flat, 0, layout.size)
                     pulls += 1
         client.wait()  # our last push has been taken (applied or rejected) before we leave
@@ -306,7 +298,7 @@ class Worker:
             rate=0.0,
             pushes=pushes,
             pulls=pulls,
-            state=rma.STATE_DONE,
+            state=STATE_DONE,
         )
 
     def _accumulate(self, grad, lo: int, hi: int, n: int, phase: int, samples: int) -> None:

@@ -1,0 +1,156 @@
+"""The server's request handle: what a server rank does with a batch of pushes.
+
+ps-lite's shape: the server loop (`dbnps.server.server`) takes the pending
+pushes from the transport and hands them to a handle, which decides each
+push's result and changes the shard; the loop then acks them.  A handle is
+any callable `(pushes, shard) -> Outcome`; `Aggregate` is the default
+(Downpour SGD with validation), and a user can plug in another rule without
+touching the loop or the transport.  No MPI here: tests call handles on
+numpy arrays.
+
+`Aggregate`, for a batch of pushes against the shard at version v:
+
+1. validate each push: its phase is the shard's and covers the phase's range
+   (else REJECTED_PHASE); its staleness tau = v - pulled_version is within
+   `staleness_bound` (else REJECTED_STALE);
+2. sum the finite ones (a non-finite gradient is REJECTED_NONFINITE, the
+   others still count), each weighted 1/max(tau, 1) under
+   `staleness_lr = "inverse"` (Zhang et al., IJCAI 2016: a stale gradient's
+   step shrinks with its staleness), else weight 1;
+3. apply the sum once with the update rule (`dbnps.common.updaters`) and
+   advance VERSION by the pushes and SAMPLES by their samples, together
+   inside `shard.write()` (the transport's seqlock bracket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from dbnps.common.protocol import (
+    APPLIED,
+    PHASE,
+    REJECTED_NONFINITE,
+    REJECTED_PHASE,
+    REJECTED_STALE,
+    SAMPLES,
+    VERSION,
+    Push,
+)
+
+
+@dataclass
+class Shard:
+    """What a handle sees of this server rank at the moment it is called."""
+
+    params: np.ndarray  # float32: this rank's shard of the flat vector (the window's memory)
+    header: np.ndarray  # int64: this rank's header words (VERSION, PHASE, SAMPLES, ...)
+    phase_range: tuple[int, int]  # [a, b) of the phase's parameters inside the shard
+    open: bool  # False once training is over (phase done): every push is refused
+    lr: float
+    momentum: float
+    write: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @property
+    def version(self) -> int:
+        return int(self.header[VERSION])
+
+    @property
+    def phase(self) -> int:
+        return int(self.header[PHASE])
+
+
+@dataclass
+class Outcome:
+    """A handle's decision: a result per push, and what was applied."""
+
+    results: dict[int, int] = field(default_factory=dict)  # worker -> APPLIED / REJECTED_*
+    applied: int = 0  # pushes applied (the version advances by this)
+    samples: int = 0  # their samples
+    staleness: list[int] = field(default_factory=list)  # tau of each applied push
+
+
+class RequestHandle(Protocol):
+    def __call__(self, pushes: list[Push], shard: Shard) -> Outcome: ...
+
+
+class Aggregate:
+    """Validate, sum and apply a batch of pushes with one pass of the update rule."""
+
+    def __init__(
+        self, rule, *, staleness_bound: int = 0, staleness_lr: str = "none", constrain=None
+    ):
+        """`constrain(shard)`: called after each apply, inside the write bracket (e.g.
+        max-norm on the weights), so pulls only ever see constrained parameters."""
+        self.rule = rule
+        self.constrain = constrain
+        self.staleness_bound = staleness_bound
+        self.inverse = staleness_lr == "inverse"
+        self._agg = np.empty(rule.size, dtype=np.float32)
+
+    def __call__(self, pushes: list[Push], shard: Shard) -> Outcome:
+        out = Outcome()
+        a, b = shard.phase_range
+        candidates = []
+        for p in pushes:
+            tau = shard.version - p.pulled_version
+            if not shard.open or p.phase != shard.phase or (p.lo, p.hi) != (a, b):
+                out.results[p.worker] = REJECTED_PHASE
+            elif self.staleness_bound and tau > self.staleness_bound:
+                out.results[p.worker] = REJECTED_STALE
+            else:
+                candidates.append(p)
+        if not candidates:
+            return out
+        # One finiteness check of the sum; single pushes are looked at only if it is bad.
+        accepted = candidates
+        agg = self.sum(accepted, shard.version, a, b)
+        if b > a and not finite(agg):
+            accepted = [p for p in candidates if finite(p.grad)]
+            agg = self.sum(accepted, shard.version, a, b) if accepted else agg
+        ok = {p.worker for p in accepted}
+        for p in candidates:
+            out.results[p.worker] = APPLIED if p.worker in ok else REJECTED_NONFINITE
+        if not accepted:
+            return out
+        out.applied = len(accepted)
+        out.samples = sum(p.n_samples for p in accepted)
+        out.staleness = [max(shard.version - p.pulled_version, 0) for p in accepted]
+        with shard.write():  # pulls see the parameters and their version change together
+            self.rule.apply(shard.params[a:b], agg, shard.lr, shard.momentum, a)
+            if self.constrain is not None:
+                self.constrain(shard)
+            shard.header[VERSION] += out.applied
+            shard.header[SAMPLES] += out.samples
+        return out
+
+    def sum(self, pushes: list[Push], version: int, a: int, b: int) -> np.ndarray:
+        """sum_i w_i g_i over the pushes (a scratch buffer; a lone unweighted push in place).
+
+        w_i = 1 / max(tau_i, 1), tau_i = version - pulled_version_i, under
+        `staleness_lr = "inverse"`, else 1.  A lone push with weight 1 is used
+        as it is: its slot is scratch until the ack.
+        """
+        if b <= a:  # this shard holds nothing of the phase
+            return self._agg[:0]
+        w = [1.0 / max(version - p.pulled_version, 1) if self.inverse else 1.0 for p in pushes]
+        if len(pushes) == 1 and w[0] == 1.0:
+            return pushes[0].grad
+        agg = self._agg[a:b]
+        np.multiply(pushes[0].grad, np.float32(w[0]), out=agg)
+        for p, wi in zip(pushes[1:], w[1:], strict=True):
+            if wi == 1.0:
+                agg += p.grad
+            else:
+                agg += np.float32(wi) * p.grad
+        return agg
+
+
+def finite(g: np.ndarray) -> bool:
+    """All elements finite: `dot(g, g)` is one BLAS read pass, non-finite iff some element
+    is NaN/Inf (or the norm overflows float32, refused as well)."""
+    return bool(np.isfinite(np.dot(g, g)))

@@ -1,0 +1,138 @@
+"""The server's request handle (`dbnps.server.handle.Aggregate`), in-process on numpy arrays."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from dbnps.common.protocol import (
+    APPLIED,
+    PHASE,
+    REJECTED_NONFINITE,
+    REJECTED_PHASE,
+    REJECTED_STALE,
+    SAMPLES,
+    SEQ,
+    VERSION,
+    Push,
+)
+from dbnps.common.updaters import make_rule
+from dbnps.server.handle import Aggregate, Shard
+
+N = 6
+
+
+def shard(version=10, phase=1, rng=(0, N), open_=True, lr=0.5, write=contextlib.nullcontext):
+    header = np.zeros(8, dtype=np.int64)
+    header[VERSION], header[PHASE] = version, phase
+    return Shard(np.ones(N, np.float32), header, rng, open_, lr, 0.0, write)
+
+
+def push(worker, grad, *, pulled=10, phase=1, lo=0, hi=N, n=5):
+    g = np.asarray(grad, dtype=np.float32)
+    return Push(worker, 1, pulled, n, phase, lo, hi, g.copy())
+
+
+def test_one_push_is_applied_with_the_rule_and_advances_version_and_samples():
+    sh = shard()
+    out = Aggregate(make_rule("sgd", N))([push(0, np.arange(N), n=7)], sh)
+    assert out.results == {0: APPLIED} and out.applied == 1 and out.samples == 7
+    np.testing.assert_allclose(sh.params, 1 - 0.5 * np.arange(N))
+    assert sh.header[VERSION] == 11 and sh.header[SAMPLES] == 7
+
+
+def test_a_batch_is_summed_once_conserving_every_accepted_gradient():
+    """The sum of the batch lands in the parameters, whatever the number of pushes."""
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(4)]
+    sh = shard(lr=1.0)
+    out = Aggregate(make_rule("sgd", N))([push(w, g) for w, g in enumerate(grads)], sh)
+    assert out.applied == 4 and sh.header[VERSION] == 14
+    np.testing.assert_allclose(sh.params, 1 - np.sum(grads, axis=0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"phase": 0}, REJECTED_PHASE),  # computed in another phase
+        ({"lo": 1}, REJECTED_PHASE),  # does not cover the phase's range
+        ({"pulled": 2}, REJECTED_STALE),  # tau = 8 > bound 4
+    ],
+)
+def test_validation_reasons(change, reason):
+    sh = shard()
+    before = sh.params.copy()
+    p = push(0, np.ones(N), **change)
+    out = Aggregate(make_rule("sgd", N), staleness_bound=4)([p], sh)
+    assert out.results == {0: reason} and out.applied == 0
+    np.testing.assert_array_equal(sh.params, before)
+    assert sh.header[VERSION] == 10
+
+
+def test_staleness_bound_accepts_tau_equal_to_the_bound():
+    out = Aggregate(make_rule("sgd", N), staleness_bound=4)(
+        [push(0, np.ones(N), pulled=6)], shard()
+    )
+    assert out.results == {0: APPLIED} and out.staleness == [4]
+
+
+def test_after_the_last_phase_every_push_is_refused():
+    out = Aggregate(make_rule("sgd", N))([push(0, np.ones(N))], shard(open_=False))
+    assert out.results == {0: REJECTED_PHASE}
+
+
+def test_a_nonfinite_push_is_refused_and_the_others_of_its_batch_still_apply():
+    bad = np.ones(N)
+    bad[3] = np.nan
+    sh = shard(lr=1.0)
+    out = Aggregate(make_rule("sgd", N))(
+        [push(0, np.ones(N)), push(1, bad), push(2, 2 * np.ones(N))], sh
+    )
+    assert out.results == {0: APPLIED, 1: REJECTED_NONFINITE, 2: APPLIED}
+    np.testing.assert_allclose(sh.params, 1 - 3.0)
+    assert sh.header[VERSION] == 12
+
+
+def test_staleness_aware_lr_weighs_each_gradient_by_one_over_tau():
+    """Zhang et al. 2016: g_i / max(tau_i, 1).  tau 0 and 1 weigh 1, tau 4 a quarter."""
+    sh = shard(lr=1.0)
+    pushes = [
+        push(0, np.ones(N), pulled=10),
+        push(1, np.ones(N), pulled=9),
+        push(2, 4 * np.ones(N), pulled=6),
+    ]
+    Aggregate(make_rule("sgd", N), staleness_lr="inverse")(pushes, sh)
+    np.testing.assert_allclose(sh.params, 1 - (1 + 1 + 4 / 4))
+
+
+def test_staleness_aware_lr_alone_scales_a_single_stale_push():
+    sh = shard(lr=1.0)
+    Aggregate(make_rule("sgd", N), staleness_lr="inverse")([push(0, 2 * np.ones(N), pulled=8)], sh)
+    np.testing.assert_allclose(sh.params, 1 - 2 / 2)
+
+
+def test_the_shard_changes_only_inside_the_write_bracket():
+    """Parameters and VERSION change together between begin and end (the seqlock)."""
+    seen = []
+
+    @contextlib.contextmanager
+    def write():
+        sh.header[SEQ] += 1
+        seen.append(("begin", int(sh.header[VERSION])))
+        yield
+        seen.append(("end", int(sh.header[VERSION])))
+        sh.header[SEQ] += 1
+
+    sh = shard(write=write)
+    Aggregate(make_rule("sgd", N))([push(0, np.ones(N))], sh)
+    assert seen == [("begin", 10), ("end", 11)] and sh.header[SEQ] % 2 == 0
+
+
+def test_a_shard_without_the_phase_counts_pushes_without_touching_parameters():
+    """S > 1: a server rank holding nothing of the phase still versions the push."""
+    sh = shard(rng=(0, 0))
+    out = Aggregate(make_rule("sgd", N))([push(0, np.zeros(0), lo=0, hi=0)], sh)
+    assert out.results == {0: APPLIED} and sh.header[VERSION] == 11
+    np.testing.assert_array_equal(sh.params, np.ones(N))

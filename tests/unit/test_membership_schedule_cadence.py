@@ -1,0 +1,117 @@
+"""Membership, the phase schedule and the worker's push cadence, in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dbnps.common.config import from_dict
+from dbnps.common.membership import Membership, live_shard
+from dbnps.common.protocol import (
+    DEAD,
+    HEARTBEAT,
+    MEMBERS,
+    ST_WORDS,
+    STATE,
+    STATE_DONE,
+    STATE_RUNNING,
+    Header,
+    dead_set,
+    header_words,
+    mark_dead,
+)
+from dbnps.common.schedule import PhaseSchedule
+from dbnps.worker.cadence import Cadence
+
+
+def rows(beats, states):
+    st = np.zeros((len(beats), ST_WORDS))
+    st[:, HEARTBEAT], st[:, STATE] = beats, states
+    return st
+
+
+def test_a_silent_worker_is_marked_dead_once_and_a_done_one_never():
+    m = Membership(3, timeout_s=5.0, start_time=100.0)
+    stats = rows([101, 101, 101], [STATE_RUNNING, STATE_DONE, STATE_RUNNING])
+    assert m.observe(stats, now=104.0) == []
+    stats[2, HEARTBEAT] = 108.0
+    dead = m.observe(stats, now=110.0)
+    assert [w for w, _ in dead] == [0] and "no heartbeat for 9s" in dead[0][1]
+    assert m.observe(stats, now=120.0) == [(2, "no heartbeat for 12s")]  # 0 is not reported again
+    assert [m.state(w) for w in range(3)] == ["lost", "done", "lost"]
+    assert m.all_left
+
+
+def test_a_worker_that_never_reports_counts_from_the_server_start():
+    m = Membership(2, timeout_s=5.0, start_time=100.0)
+    stats = rows([0, 103], [0, STATE_RUNNING])
+    assert m.state(0) == "starting" and m.up(0)  # the one rule: starting counts as up
+    assert [w for w, _ in m.observe(stats, now=106.0)] == [0]
+    assert not m.up(0) and m.up(1) and not m.all_left
+
+
+def test_dead_workers_shards_are_redealt_over_the_survivors():
+    assert live_shard(2, set(), 4) == (2, 4)
+    assert live_shard(2, {1}, 4) == (1, 3)
+    assert live_shard(3, {0, 1}, 4) == (1, 2)
+    assert live_shard(1, {1}, 4) is None
+
+
+def test_the_dead_bitmask_and_membership_counter():
+    words = np.zeros(header_words(130), dtype=np.int64)
+    for w in (0, 64, 129):
+        mark_dead(words, w)
+    assert dead_set(words, 130) == {0, 64, 129} and words[MEMBERS] == 3
+    assert words[DEAD + 2] == 2  # bit 1 of the third word: worker 129
+    assert Header(words, 130).dead == {0, 64, 129}
+
+
+def schedule(pretrain=2.0, finetune=3.0, layers=2, n=100):
+    cfg = from_dict(
+        {
+            "model": {"sizes": [784] + [16] * layers},
+            "pretrain": {"epochs": pretrain},
+            "finetune": {"epochs": finetune},
+        }
+    )
+    return PhaseSchedule(cfg, layers, n)
+
+
+def test_phase_boundaries_by_samples_applied():
+    s = schedule()
+    assert [s.samples(p) for p in range(4)] == [200, 200, 300, 0]
+    assert not s.over(0, 199) and s.over(0, 200) and s.over(0, 250)
+    assert s.after(0) == 1 and s.after(1) == 2 and s.after(2) == 3 == s.done_phase
+    assert not s.over(s.done_phase, 10**9)  # done never ends
+
+
+def test_phases_of_zero_epochs_are_skipped():
+    s = schedule(pretrain=0.0)
+    assert s.first_from(0) == 2  # straight to fine-tuning
+    assert schedule(pretrain=0.0, finetune=0.0).first_from(0) == 3
+
+
+def test_cadence_n_push_1_pushes_the_gradient_itself_every_step():
+    c = Cadence(2, 1)
+    g = np.arange(4, dtype=np.float32)
+    assert c.step(g, 0, 4, 10) is g and c.samples == 10
+    assert not c.pull_due
+    assert c.step(g, 0, 4, 10) is g and c.pull_due
+
+
+def test_cadence_n_push_3_sums_three_steps_and_their_samples():
+    acc = np.full(6, 99, dtype=np.float32)  # stale contents outside [lo, hi) stay unread
+    c = Cadence(1, 3, acc)
+    grads = [np.full(6, v, dtype=np.float32) for v in (1.0, 2.0, 4.0)]
+    assert c.step(grads[0], 2, 5, 10) is None
+    assert c.step(grads[1], 2, 5, 20) is None
+    out = c.step(grads[2], 2, 5, 30)
+    assert out is acc and c.samples == 60
+    np.testing.assert_array_equal(out[2:5], 7.0)
+    assert c.step(grads[0], 2, 5, 1) is None  # a new sum starts after the push
+    np.testing.assert_array_equal(acc[2:5], 1.0)
+
+
+def test_cadence_n_push_above_1_needs_a_buffer():
+    with pytest.raises(ValueError, match="buffer"):
+        Cadence(1, 2)
