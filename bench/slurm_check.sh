@@ -19,7 +19,9 @@
 #
 # Environment: DBNPS_CHECK_CONFIG (configs/small.toml), DBNPS_CHECK_NTASKS (3:
 # one server + 2 workers, more tasks than the 2 CPUs here, so the script's
-# --overcommit is exercised), DBNPS_CHECK_TIMEOUT_S (600).
+# --overcommit is exercised), DBNPS_CHECK_TIMEOUT_S (600), DBNPS_CHECK_VENV (the
+# venv the job runs from: this checkout's .venv), DBNPS_CHECK_SBATCH (the batch
+# script: deploy/slurm/dbnps.sbatch; another one shows that the checks can fail).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,9 +29,9 @@ W=${DBNPS_SLURM_DIR:-/tmp/dbnps-slurm-check}
 CONFIG=${DBNPS_CHECK_CONFIG:-$REPO/configs/small.toml}
 NTASKS=${DBNPS_CHECK_NTASKS:-3}
 TIMEOUT_S=${DBNPS_CHECK_TIMEOUT_S:-600}
-# DBNPS_CHECK_VENV: the venv the job runs from (default: this checkout's).
 VENV=${DBNPS_CHECK_VENV:-$REPO/.venv}
 PSCTL=$VENV/bin/psctl
+SBATCH=$(realpath "${DBNPS_CHECK_SBATCH:-$REPO/deploy/slurm/dbnps.sbatch}")
 KEEP=0
 USERS=(root)
 while (($#)); do
@@ -150,9 +152,9 @@ check_as() {
   # (on a cluster: a filesystem every node sees).
   local out jobid
   out=$(cd "$home" && "${as[@]}" DBNPS_VENV="$VENV" DBNPS_CONFIG="$CONFIG" \
-    sbatch --parsable --ntasks="$NTASKS" "$REPO/deploy/slurm/dbnps.sbatch")
+    sbatch --parsable --ntasks="$NTASKS" "$SBATCH")
   jobid=${out%%;*}
-  say "[$user] submitted: DBNPS_VENV=$VENV DBNPS_CONFIG=$CONFIG sbatch --ntasks=$NTASKS deploy/slurm/dbnps.sbatch -> job $jobid"
+  say "[$user] submitted: DBNPS_VENV=$VENV DBNPS_CONFIG=$CONFIG sbatch --ntasks=$NTASKS ${SBATCH#"$REPO"/} -> job $jobid"
   local psctl=("${as[@]}" "$PSCTL")
   local job=slurm-$jobid state="" seen_running=0
   local deadline=$((SECONDS + TIMEOUT_S))
