@@ -60,8 +60,8 @@ def run_job(
     timeout: float = 180,
 ) -> JobResult:
     """A real `mpiexec -n S dbnps.server : -n K dbnps.worker` job, built by the launcher."""
-    from dbnps.cli.run import job_argv
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = job_argv(config, workers, servers, resolve_data_dir(None), run_dir, tuple(worker_args))

@@ -32,9 +32,9 @@ CFG = {
 
 
 def _job(cfg: Path, run_dir: Path, *, servers: int, extra=(), env=None):
-    from dbnps.cli.run import job_argv
     from dbnps.common.launcher import mpi_env
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = job_argv(

@@ -484,8 +484,8 @@ def test_tls_control_plane(tmp_path):
 def test_control_plane_says_where_it_listens(tmp_path):
     """Bound to every interface: the log names 0.0.0.0, and the address local clients use;
     before the windows exist, status shows no made-up phase or worker count."""
-    from dbnps.cli.jobs import _fmt_status
     from dbnps.common.config import Config
+    from dbnps.jobs.format import status_text as _fmt_status
     from dbnps.server.control import ControlPlane
 
     lines: list[str] = []

@@ -44,9 +44,9 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
     import threading
     import time
 
-    from dbnps.cli.run import job_argv
     from dbnps.common.launcher import mpi_env
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     cfg_path = write_config(
         tmp_path / "long.toml",

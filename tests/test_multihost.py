@@ -60,8 +60,8 @@ def run_placed(
     timeout: float = 120,
 ) -> JobResult:
     """A job with its ranks placed by `--hosts spec`, built by the same code as `psctl run`."""
-    from dbnps.cli.run import job_argv
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     placement = launcher.placement_from_options(servers, workers, hosts=spec)
@@ -161,8 +161,8 @@ def test_psctl_run_across_three_hosts_reaches_88_percent(tmp_path, hosts):
 
 
 def _start(hosts, tmp_path, spec: str, workers: int, worker_args: tuple[str, ...] = ()):
-    from dbnps.cli.run import job_argv
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     cfg = write_config(
         tmp_path / "die.toml",

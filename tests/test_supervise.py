@@ -11,12 +11,18 @@ from pathlib import Path
 
 from test_checkpoint import _snap
 
-from dbnps.runfiles import EXIT_DIVERGED
+from dbnps.runfiles import EXIT_DIVERGED, STOP_MARKER, STOPPED_BY_STOP
 from dbnps.server.checkpoint import CheckpointStore
 
 
-def _supervise(run_dir: Path, rc: int, restarts: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", f"import sys; sys.exit({rc})"]
+def _supervise(
+    run_dir: Path, rc: int, restarts: int, before_exit: str = ""
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-c",
+        "; ".join(filter(None, ["import sys", before_exit, f"sys.exit({rc})"])),
+    ]
     return subprocess.run(
         [
             sys.executable,
@@ -69,3 +75,16 @@ def test_an_oserror_while_quarantining_does_not_kill_the_supervisor(tmp_path):
     assert r["resumed_from"].endswith("ckpt-20.npz") and r["version"] == 20, r
     assert "could not rename it" in out, out
     assert (tmp_path / "exit.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_job_the_stop_marker_ended_is_not_restarted(tmp_path):
+    """The server writes the stop marker when a Stop RPC takes effect: a non-zero exit
+    after it is the stop, not a crash; a marker left from before the launch is not."""
+    touch = f"import pathlib; pathlib.Path({str(tmp_path / STOP_MARKER)!r}).touch()"
+    res = _supervise(tmp_path, 1, restarts=2, before_exit=touch)
+    ex = json.loads((tmp_path / "exit.json").read_text())
+    assert ex["restarts"] == 0 and ex["stopped_by"] == STOPPED_BY_STOP, res.stdout + res.stderr
+    # a stale marker (the job above left it) does not turn the next crash into a stop
+    res = _supervise(tmp_path, 1, restarts=1)
+    ex = json.loads((tmp_path / "exit.json").read_text())
+    assert ex["restarts"] == 1 and "stopped_by" not in ex, res.stdout + res.stderr

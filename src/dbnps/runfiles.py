@@ -32,6 +32,8 @@ EXIT_DIVERGED = 5
 TARGETS_DIR = "prometheus"  # under the state dir: one file_sd JSON file per job
 
 
+EXIT_FILE = "exit.json"  # in the run dir: how the job ended, written by the supervisor
+ENDPOINTS_FILE = "endpoints.json"  # in the run dir: rank 0's actual gRPC and metrics addresses
 ADVERTISE_FILE = "advertise"  # in the run dir: host name a remote rank 0 is reached by
 
 

@@ -1,7 +1,7 @@
 """Scaling benchmark: time to a target test accuracy (or for fixed epochs) vs number of workers.
 
 For each worker count K the benchmark runs one real job exactly as `psctl run
---workers K --servers 1` does (`dbnps.cli.run.job_argv` + `launcher.mpi_env`)
+--workers K --servers 1` does (`dbnps.jobs.launch.job_argv` + `launcher.mpi_env`)
 on a copy of the config, and reads the run's `summary.json`:
 
 - **until target** (default): ``[run] target_accuracy = A`` is set in the copy,
@@ -210,8 +210,8 @@ def run_job(
 
     `worker_args` go to every worker (the benchmarks' synthetic-pusher flags).
     """
-    from dbnps.cli.run import job_argv
     from dbnps.common.launcher import mpi_env
+    from dbnps.jobs.launch import job_argv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = job_argv(config_path, workers, 1, data_dir, run_dir, worker_args)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dbnps.cli.run import outcome
 from dbnps.common.errors import UserError
+from dbnps.jobs.format import outcome
 
 
 def test_a_missing_summary_is_one_user_error(tmp_path):

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from dbnps.runfiles import (
+    ENDPOINTS_FILE,
     EXIT_DIVERGED,
     FORCE_MARKER,
     STOP_MARKER,
@@ -50,10 +51,6 @@ from dbnps.runfiles import (
     write_json_atomic,
     write_target,
 )
-
-
-def _write_json(path: Path, obj) -> None:
-    write_json_atomic(path, obj)  # atomic and 0600
 
 
 def restart_decision(
@@ -152,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # owner's only, like the token; Prometheus targets are opened up explicitly.
     os.umask(0o077)
 
-    publisher = _TargetPublisher(run_dir / "endpoints.json", targets) if targets else None
+    publisher = _TargetPublisher(run_dir / ENDPOINTS_FILE, targets) if targets else None
     if publisher is not None:
         publisher.start()
     restarts: list[dict] = []
@@ -183,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                     "version": version,
                 }
             )
-            _write_json(run_dir / "restarts.json", restarts)
+            write_json_atomic(run_dir / "restarts.json", restarts)
             where = f"{source} (version {version})" if source else "the start (no checkpoint yet)"
             _log(f"job exited with status {rc}; restart {n}/{max_restarts} from {where}")
-            (run_dir / "endpoints.json").unlink(missing_ok=True)  # the old address is dead
+            (run_dir / ENDPOINTS_FILE).unlink(missing_ok=True)  # the old address is dead
             extra = ["--restarts", str(n)] + (["--resume", source] if source else [])
             this_cmd = with_server_args(cmd, extra)
     except Exception as exc:  # never end without exit.json: psctl reads the end from it
@@ -208,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         end["stopped_by"] = signal.Signals(signalled[0]).name
     if "stopped_by" in end and rc != 0:
         _log(f"job ended by {end['stopped_by']} (mpiexec exit status {rc})")
-    _write_json(exit_file, end)
+    write_json_atomic(exit_file, end)
     return rc if rc >= 0 else 128 - rc
 
 

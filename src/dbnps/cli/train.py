@@ -3,43 +3,27 @@
 The distributed job is `psctl run`; this command is the single-process
 reference (and the baseline the parameter server is measured against).
 
-numpy is imported only inside the command: `--threads` must reach OpenBLAS
-through OPENBLAS_NUM_THREADS before numpy loads it, so when the variable
-differs from the request the command re-executes itself with it set.
+`--threads N` caps the BLAS (and OpenMP) thread pools for the run with
+threadpoolctl, in this process: no environment variable has to be set before
+numpy loads OpenBLAS, so no re-execution.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import contextlib
 import time
 
 import click
 
 from dbnps.common.errors import UserError
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
+def _blas_threads() -> str:
+    """How many threads the loaded BLAS libraries use now ("" if none is loaded)."""
+    from threadpoolctl import threadpool_info
 
-def _reexec_with_threads(threads: int) -> None:
-    """Re-run this very command with the BLAS thread variables set to `threads`."""
-    want = str(threads)
-    if all(os.environ.get(v) == want for v in _THREAD_VARS):
-        return
-    if os.environ.get("_DBNPS_REEXEC") == want:
-        return  # already re-executed once: never loop
-    env = dict(os.environ)
-    for v in _THREAD_VARS:
-        env[v] = want
-    env["_DBNPS_REEXEC"] = want
-    argv0 = sys.argv[0]
-    if os.path.isfile(argv0) and not argv0.endswith(".py") and os.access(argv0, os.X_OK):
-        args = [sys.executable, argv0, *sys.argv[1:]]
-    else:  # python -m dbnps.cli or a .py entry point
-        args = [sys.executable, *sys.orig_argv[1:]]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, args, env)
+    counts = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    return str(min(counts)) if counts else ""
 
 
 @click.command("train")
@@ -82,26 +66,30 @@ def train_cmd(
         )
     from dbnps.common import config as config_mod
 
-    cfg = config_mod.load(config_path)  # ConfigError before any heavy import or re-exec
-    if threads is not None:
-        _reexec_with_threads(threads)
+    cfg = config_mod.load(config_path)  # ConfigError before any heavy import
+
+    from threadpoolctl import threadpool_limits
 
     from dbnps.common.layout import Layout
     from dbnps.common.mnist import load_mnist
     from dbnps.common.model import save_model
     from dbnps.common.trainer import train_local
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    data = load_mnist(data_dir or cfg.data.dir or None, verify=cfg.data.verify)
-    params, history = train_local(cfg, data, progress=not no_progress)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    acc = None
-    if any(h["phase_index"] == len(cfg.model.sizes) - 1 for h in history):
-        from dbnps.common.dbn import accuracy
-        from dbnps.common.job import apply_subsets
+    # After the imports above: threadpoolctl limits the libraries loaded so far (numpy's
+    # OpenBLAS among them), for this block only.
+    with threadpool_limits(limits=threads) if threads else contextlib.nullcontext():
+        blas_threads = _blas_threads()
+        t0, c0 = time.perf_counter(), time.process_time()
+        data = load_mnist(data_dir or cfg.data.dir or None, verify=cfg.data.verify)
+        params, history = train_local(cfg, data, progress=not no_progress)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        acc = None
+        if any(h["phase_index"] == len(cfg.model.sizes) - 1 for h in history):
+            from dbnps.common.dbn import accuracy
+            from dbnps.common.job import apply_subsets
 
-        d = apply_subsets(cfg, data)  # the saved parameters, on the test set
-        acc = accuracy(params, d.X_test, d.y_test)
+            d = apply_subsets(cfg, data)  # the saved parameters, on the test set
+            acc = accuracy(params, d.X_test, d.y_test)
     layout = Layout(cfg.model.sizes, cfg.model.classes)
     meta = {
         "trainer": "local",
@@ -109,7 +97,7 @@ def train_cmd(
         "test_acc": acc,
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
-        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+        "blas_threads": blas_threads,
         "history": history,
     }
     path = save_model(out, layout, params.flat, cfg, meta)
