@@ -278,24 +278,10 @@ def validate(cfg: Config) -> None:
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """{section: {key: value}} as TOML (bools, ints, floats, strings, lists of those)."""
-    import json
+    """{section: {key: value}} as TOML (tomli_w: the writer paired with tomllib)."""
+    import tomli_w
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
-
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    return tomli_w.dumps(sections)
 
 
 def to_toml(cfg: Config) -> str:

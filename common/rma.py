@@ -7,8 +7,9 @@ slower and stalls, see docs/architecture.md).  Workers allocate zero bytes.
 
 The API has ps-lite's shape.  Worker side (`PSClient`): `pull`, `push`,
 `wait`, plus `report` for the stats row.  Server side (`PSServer`): `poll`
-returns the pending pushes, the server's update rule (the pluggable request
-handle, see `dbnps.server.server`) applies them, `ack` completes them.
+returns the pending pushes, the server's request handle (`dbnps.server.handle`,
+no MPI in it) decides and applies them, `ack` completes them.  The words'
+meaning is `dbnps.common.protocol`; this module owns where they live.
 
 Two modes (`[ps] mode`).  "apply" (default): pushes land in per-worker slots
 and the server validates and applies them.  "accumulate" (1 server rank):
@@ -436,8 +437,6 @@ class PSClient:
         self._wait_ema = 0.0  # seconds from a push to its ack, smoothed
         self._stats = np.zeros(ST_WORDS, dtype=np.float64)
         self._stats_words = _Words(win.cwin, ST_WORDS, np.float64)
-        self.bytes_pulled = 0
-        self.bytes_pushed = 0
         self.in_pull = None  # test hooks: called inside a pull / a push (kill tests)
         self.in_push = None
 
@@ -468,7 +467,6 @@ class PSClient:
         for s, a, b, blo in self._parts(lo, hi):
             hdr = self._read_consistent(s, out, a, b, hb + 4 * (a - blo))
             self.versions[s] = hdr[VERSION]
-            self.bytes_pulled += 4 * max(b - a, 0)
             if s == 0:
                 info = PullInfo(
                     self.versions,
@@ -590,7 +588,6 @@ class PSClient:
                 words.add1(0, 8 * VERSION, 1)
                 words.add1(0, 8 * SAMPLES, n_samples)
                 words.add1(0, 8 * SEQ, 1)  # even: complete
-                self.bytes_pushed += 4 * (hi - lo)
                 result = APPLIED
             self._release(0)
         self._record(0, (self.versions[0], n_samples, phase, result, before, 0))
@@ -614,7 +611,6 @@ class PSClient:
                 if self.in_push is not None:
                     self.in_push()
                 swin.Flush(s)  # the gradient is complete at the target before the seq bump
-                self.bytes_pushed += 4 * (b - a)
             off = (a - blo, b - blo) if b > a else (0, 0)  # an empty part is (0, 0)
             self._record(s, (self.versions[s], n_samples, phase, 0, *off))
         return self._pushed()
@@ -637,12 +633,6 @@ class PSClient:
         self.seq += 1
         self._pushed_at = time.monotonic()
         return self.seq
-
-    def last_results(self) -> list[int]:
-        """RESULT word of this worker's last push on every server (after `wait`)."""
-        return [
-            self._mwords.read1(s, self.me * MB_WORDS + RESULT) for s in range(self.topo.n_servers)
-        ]
 
     def report(self, **fields: float) -> None:
         """Write this worker's stats row on server rank 0 (atomic words)."""
