@@ -254,3 +254,46 @@ def test_evaluations_follow_the_schedule_not_the_log(tmp_path, job):
     # Scheduled at epochs 75, 150, 225 (one may be skipped while the previous runs), plus phase end.
     assert 2 <= len(evaluated) <= 4, evaluated
     assert evaluated[-1] >= 300.0
+
+
+def test_staleness_aware_lr_job_learns_with_three_workers(tmp_path, job):
+    """[ps] staleness_lr = "inverse" through real windows: every push counted, the job learns."""
+    cfg_path = write_config(
+        tmp_path / "inv.toml",
+        {
+            "model": {"sizes": [784, 64]},
+            "data": {"train_subset": 3000, "test_subset": 500},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 6.0, "lr": 0.3},
+            "ps": {"staleness_lr": "inverse"},
+        },
+    )
+    res = job(cfg_path, workers=3)
+    assert res.rc == 0, res.output[-3000:]
+    s = res.summary
+    assert s["applied"] + sum(s["rejected"].values()) == sum(w["pushes"] for w in s["workers"])
+    assert s["staleness"]["max"] >= 1  # three async workers: some pushes were weighted < 1
+    assert s["test_accuracy"] > 0.8, s["test_accuracy"]
+
+
+def test_max_norm_bounds_every_incoming_weight_vector_of_the_served_model(tmp_path, job):
+    """[finetune] max_norm = c: the server projects after each apply, so the saved model's
+    every weight column (a unit's incoming weights) has norm <= c."""
+    c = 0.8
+    cfg_path = write_config(
+        tmp_path / "mn.toml",
+        {
+            "model": {"sizes": [784, 32]},
+            "data": {"train_subset": 1000, "test_subset": 200},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 3.0, "lr": 0.5, "max_norm": c},
+        },
+    )
+    res = job(cfg_path, workers=2)
+    assert res.rc == 0, res.output[-3000:]
+    from dbnps.common.model import load_model
+
+    _, params, _, _ = load_model(res.run_dir / "model.npz")
+    norms = [np.linalg.norm(w, axis=0).max() for w in (*params.W, params.W_out)]
+    assert max(norms) <= c * (1 + 1e-5), norms
+    assert max(norms) > 0.5 * c  # the constraint was active, not a vacuous bound
