@@ -395,11 +395,11 @@ class _Words:
         return self._res[0].item()
 
 
-def _seqlock_read(words: _Words, target: int, read, *, timeout_s: float, what: str):
+def _seqlock_read(words: _Words, target: int, read, *, timeout_s: float, what: str, beat=None):
     """`read()` of `target`'s header/parameters, kept only if SEQ was even and unchanged.
 
     Retried with back-off until it is; PSTimeout after `timeout_s`.  `words` is
-    the target's pwin header words.
+    the target's pwin header words; `beat()` is called on every retry.
     """
     t0, pause = time.monotonic(), 1e-5
     while True:
@@ -413,6 +413,8 @@ def _seqlock_read(words: _Words, target: int, read, *, timeout_s: float, what: s
                 f"server rank {target}: {what} did not complete within {timeout_s:.0f}s "
                 f"(is the server alive?)"
             )
+        if beat is not None:
+            beat()
         time.sleep(pause)
         pause = min(2 * pause, 1e-3)
 
@@ -494,8 +496,23 @@ class PSClient:
             return hdr
 
         return _seqlock_read(
-            words, s, read, timeout_s=self.timeout_s, what="a consistent parameter read"
+            words,
+            s,
+            read,
+            timeout_s=self.timeout_s,
+            what="a consistent parameter read",
+            beat=self._beat,
         )
+
+    def _beat(self) -> None:
+        """While waiting on the server (an ack, the mutex, an odd SEQ): a heartbeat a second.
+
+        The loop's own heartbeats stop while it waits; without these, a wait longer
+        than `[ps] heartbeat_timeout_s` (a dead MUTEX holder's, a server paused
+        by a checkpoint) got the waiting workers marked dead along with the culprit.
+        """
+        if time.time() - self._stats[HEARTBEAT] > 1.0:
+            self.report()
 
     def acked(self, server: int) -> int:
         """ACK_SEQ of this worker's mailbox on `server` (atomic read)."""
@@ -528,6 +545,7 @@ class PSClient:
                     if ahead > 1e-4:
                         time.sleep(ahead)
                         continue
+                self._beat()
                 time.sleep(5e-5)
         self._wait_ema = 0.8 * self._wait_ema + 0.2 * (time.monotonic() - self._pushed_at)
 
@@ -537,6 +555,7 @@ class PSClient:
         t0, pause = time.monotonic(), 1e-5
         while words.cas1(server, 8 * MUTEX, 0, me) != 0:
             self._deadline_check(t0, "the parameter mutex", server)
+            self._beat()
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
 
@@ -585,6 +604,8 @@ class PSClient:
                 disp = (self.w.hdr_bytes + 4 * lo, hi - lo, MPI.FLOAT)
                 pwin.Accumulate([delta, MPI.FLOAT], 0, disp, MPI.SUM)
                 pwin.Flush(0)
+                if self.in_push is not None:  # kill tests: holding the MUTEX, SEQ odd
+                    self.in_push()
                 words.add1(0, 8 * VERSION, 1)
                 words.add1(0, 8 * SAMPLES, n_samples)
                 words.add1(0, 8 * SEQ, 1)  # even: complete

@@ -166,7 +166,7 @@ class Setup:
         self.layout = layout = layout_of(cfg)
         if cfg.finetune.max_norm > 0 and (topo.n_servers > 1 or cfg.ps.mode != "apply"):
             # the projection needs every weight column whole, on the rank that applies
-            raise UserError("[finetune] max_norm needs one server rank and [ps] mode = \"apply\"")
+            raise UserError('[finetune] max_norm needs one server rank and [ps] mode = "apply"')
         self.data = data = load_data(cfg, data_dir)
         check_shards(cfg, len(data.y_train), topo.n_workers)
         self.init = initial_params(cfg, layout, data.X_train)

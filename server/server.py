@@ -406,13 +406,17 @@ class ParameterServer:
     # -- membership (rank 0): heartbeats in the stats region ---------------
     def refresh_workers(self) -> None:
         """Rank 0, main thread: read the stats rows; mark the silent workers dead."""
-        for w, why in self.state.members.observe(self.ps.read_stats(), time.time()):
+        dead = self.state.members.observe(self.ps.read_stats(), time.time())
+        # Every dead holder's MUTEX first: begin_write waits for the mutex, and the
+        # one holding it may be any of them (not the first in the list).
+        for w, _ in dead:
+            if self.ps.break_mutex(w):  # accumulate mode: it died inside its critical section
+                self.log(f"[server] worker {w} died holding the parameter mutex; taken back")
+        for w, why in dead:
             self._mark_dead(w, why)
 
     def _mark_dead(self, w: int, why: str) -> None:
         """Publish worker w as dead: survivors re-shard its data at their next pull."""
-        if self.ps.break_mutex(w):  # accumulate mode: it died inside its critical section
-            self.log(f"[server] worker {w} died holding the parameter mutex; taken back")
         self.ps.begin_write()
         pr.mark_dead(self.ps.header, w)
         self.ps.end_write()

@@ -23,8 +23,9 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
-def kill_server_rank(run_dir: Path) -> None:
-    """SIGKILL the server rank(s) of the job whose command line names `run_dir`.
+def kill_server_rank(run_dir: Path, rank: int | None = None) -> None:
+    """SIGKILL the server rank(s) of the job whose command line names `run_dir`
+    (only MPI rank `rank`, when given).
 
     Matched on `python -m dbnps.server` at the start of the command line:
     mpiexec's own command line names the same paths and must survive.
@@ -32,9 +33,10 @@ def kill_server_rank(run_dir: Path) -> None:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         argv = proc.info["cmdline"] or []
-        if argv[1:3] == ["-m", "dbnps.server"] and any(str(run_dir) in a for a in argv):
+        ours = argv[1:3] == ["-m", "dbnps.server"] and any(str(run_dir) in a for a in argv)
+        if ours and (rank is None or proc.environ().get("OMPI_COMM_WORLD_RANK") == str(rank)):
             found.append(proc)
-    assert found, f"no server rank of {run_dir} is running"
+    assert found, f"no server rank {'' if rank is None else rank} of {run_dir} is running"
     for proc in found:
         proc.kill()
 

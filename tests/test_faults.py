@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import kill_server_rank, write_config
 
 
@@ -37,8 +38,11 @@ def test_sigkill_of_one_worker_job_completes(tmp_path, job):
     assert s["test_accuracy"] >= 0.88, s["test_accuracy"]
 
 
-def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
-    """No hang: workers waiting on a dead server give up after step_timeout_s, one line each."""
+@pytest.mark.parametrize(("servers", "rank"), [(1, 0), (2, 1)], ids=["rank0", "follower"])
+def test_sigkill_of_a_server_rank_ends_the_job_with_a_clear_message(tmp_path, servers, rank):
+    """No hang: workers waiting on a dead server give up after step_timeout_s, one line
+    each.  `follower`: shard 1 of 2 dies; rank 0 lives on, the workers' waits for shard 1's
+    acks time out, rank 0 then finds every worker gone and leaves through the bounded exit."""
     import signal
     import subprocess
     import threading
@@ -55,13 +59,13 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
             "data": {"train_subset": 3000, "test_subset": 500},
             "pretrain": {"epochs": 0.0},
             "finetune": {"epochs": 1000.0},
-            "ps": {"step_timeout_s": 3.0},
+            "ps": {"step_timeout_s": 3.0, "heartbeat_timeout_s": 3.0, "exit_timeout_s": 5.0},
             "run": {"log_every_s": 0.5},
         },
     )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    argv = job_argv(cfg_path, 2, 1, resolve_data_dir(None), run_dir)
+    argv = job_argv(cfg_path, 2, servers, resolve_data_dir(None), run_dir)
     proc = subprocess.Popen(
         argv,
         env=mpi_env(),
@@ -78,7 +82,7 @@ def test_sigkill_of_the_server_ends_the_job_with_a_clear_message(tmp_path):
         while not any("finetune epoch" in line for line in lines):  # training is under way
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             time.sleep(0.2)
-        kill_server_rank(run_dir)
+        kill_server_rank(run_dir, rank)
         t0 = time.monotonic()
         proc.wait(timeout=60)
         waited = time.monotonic() - t0

@@ -40,6 +40,22 @@ def test_killed_inside_an_rma_exchange_the_job_finishes_on_the_survivors(tmp_pat
     assert s["test_accuracy"] > 0.5  # trained on: the survivors took the dead worker's shard
 
 
+def test_killed_holding_the_accumulate_mutex_the_server_takes_it_back(tmp_path, job):
+    """Accumulate mode: the worker dies after its MPI_Accumulate, before it made SEQ even
+    and freed the MUTEX word.  Without the take-over every other worker's next add
+    waits on the mutex and every pull retries an odd SEQ for ever."""
+    sections = {**CFG, "ps": {**CFG["ps"], "mode": "accumulate"}}
+    cfg = write_config(tmp_path / "acc.toml", sections)
+    args = ("--inject-die-worker", "1", "--inject-die-in", "push", "--inject-die-after", "5")
+    res = job(cfg, workers=3, worker_args=args, timeout=120)
+    assert res.rc == 0, res.output[-3000:]
+    assert "worker 1 died holding the parameter mutex; taken back" in res.output
+    s = res.summary
+    assert s["phase"] == "done" and s["dead_workers"] == [1], s["dead_workers"]
+    assert "Traceback" not in res.output
+    assert s["test_accuracy"] > 0.5
+
+
 def test_killed_at_start_up_the_job_ends_at_once_with_one_line_per_rank(tmp_path, job):
     res = kill_job(tmp_path, job, "startup", after=0)
     assert res.rc != 0

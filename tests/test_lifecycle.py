@@ -1,18 +1,21 @@
-"""Job lifecycle edges through the real `psctl`, with hand-made run directories:
-no MPI job is needed to show each of these, so each case takes about a second."""
+"""Job lifecycle edges through the real `psctl`: most with hand-made run
+directories (no MPI job is needed to show them, about a second each); the
+killed supervisor with a real `psctl start` job."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
-from jobctl import job_env, psctl
+from jobctl import job_env, psctl, session_alive, start_job, stop_quietly
 from test_checkpoint import _snap
 
+from dbnps.runfiles import STOPPED_BY_STOP
 from dbnps.server.checkpoint import CheckpointStore
 
 
@@ -84,3 +87,33 @@ def test_resume_of_a_run_that_is_still_running_is_refused(tmp_path):
     line = _one_error(psctl("start", "--resume", "busy", "--job-id", "fork", env=env))
     assert "run busy is still running" in line and "psctl stop --run busy" in line, line
     assert not (tmp_path / "state" / "runs" / "fork").exists()
+
+
+def test_a_killed_supervisor_leaves_a_job_psctl_still_sees_and_stops(tmp_path):
+    """SIGKILL of `psctl start`'s supervisor: mpiexec and the ranks train on in the
+    session.  The job is `orphaned` (not "gone"): status answers with a warning that
+    nothing will restart it, and a graceful stop ends it and records the end (before,
+    status said "not running" while the ranks trained on, and only --force reached them)."""
+    job = start_job(tmp_path, "orphan")
+    try:
+        os.kill(job.info["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(job.info["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session_alive(job.info["sid"]), "the ranks should outlive their supervisor"
+        res = job.psctl("list")
+        assert "orphaned" in res.stdout, res.stdout
+        res = job.psctl("status", "--run", "orphan")
+        assert res.returncode == 0, res.stderr
+        assert "supervisor is gone" in res.stderr and "Traceback" not in res.stderr
+        assert "phase" in res.stdout, res.stdout
+        res = job.psctl("stop", "--run", "orphan", timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert not session_alive(job.info["sid"])
+        ex = json.loads((job.run_dir / "exit.json").read_text())
+        assert ex["supervisor"] == "gone" and ex["stopped_by"] == STOPPED_BY_STOP, ex
+        assert list((job.run_dir / "checkpoints").glob("ckpt-*.npz")), "no final checkpoint"
+        res = job.psctl("list")
+        assert "stopped" in res.stdout, res.stdout
+    finally:
+        stop_quietly(job)

@@ -109,6 +109,12 @@ def status_cmd(run_id, address, token_file, tls_ca, as_json, watch, interval) ->
     from dbnps.jobs.client import get_status
 
     target = resolve_target(run_id, address, token_file, tls_ca)
+    if target.run is not None and target.run.orphaned():
+        click.echo(
+            f"psctl: warning: job {target.run.id}'s supervisor is gone: the job trains on, "
+            "but will not be restarted and records no exit status; `psctl stop` still ends it",
+            err=True,
+        )
     while True:
         try:
             msg = get_status(target)

@@ -25,8 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbnps.common.errors import UserError
-from dbnps.jobs.process import pid_alive
-from dbnps.runfiles import ENDPOINTS_FILE, EXIT_FILE, STOPPED_BY_FORCE, write_json_atomic
+from dbnps.jobs.process import job_pids, pid_alive
+from dbnps.runfiles import (
+    ENDPOINTS_FILE,
+    EXIT_FILE,
+    STOPPED_BY_FORCE,
+    STOPPED_BY_STOP,
+    write_json_atomic,
+)
 
 STATE_ENV = "DBNPS_STATE_DIR"
 JOB_FILE = "job.json"
@@ -78,9 +84,32 @@ class Run:
     def save(self) -> None:
         write_json_atomic(self.dir / JOB_FILE, self.info)
 
-    def running(self) -> bool:
+    def supervised(self) -> bool:
+        """Its supervisor (job.json `pid`, the session leader) is alive."""
         pid = self.info.get("pid")
         return bool(pid) and pid_alive(pid, self.info.get("pid_created"))
+
+    def running(self) -> bool:
+        """Some process of the job lives: the supervisor, or, when the supervisor was
+        killed, the mpiexec and ranks it left behind (they train on, orphaned)."""
+        return self.supervised() or bool(job_pids(self.info))
+
+    def orphaned(self) -> bool:
+        """The ranks live on without the supervisor: no restart, no exit status."""
+        return not self.supervised() and bool(job_pids(self.info))
+
+    def record_orphan_end(self) -> None:
+        """exit.json for an orphaned job that `psctl stop` ended (nobody else will write it)."""
+        if self.exit_info() is None:
+            write_json_atomic(
+                self.dir / EXIT_FILE,
+                {
+                    "returncode": None,
+                    "ended": time.time(),
+                    "stopped_by": STOPPED_BY_STOP,
+                    "supervisor": "gone",
+                },
+            )
 
     def exit_info(self) -> dict | None:
         return _read_json(self.dir / EXIT_FILE)
@@ -94,11 +123,15 @@ class Run:
             )
 
     def state(self) -> str:
-        if self.running():
+        if self.supervised():
             return "running"
+        if self.orphaned():
+            return "orphaned"  # supervisor killed; psctl stop still ends it
         ex = self.exit_info()
         if ex is None or ex.get("stopped_by") == STOPPED_BY_FORCE:
             return "killed"
+        if ex.get("supervisor") == "gone":
+            return "stopped"
         return f"exited {ex['returncode']}"
 
     def endpoints(self) -> dict:
@@ -111,6 +144,8 @@ class Run:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ex["ended"]))
         if ex.get("stopped_by") == STOPPED_BY_FORCE:
             return f"was killed by `{STOPPED_BY_FORCE}` at {when}"
+        if ex.get("supervisor") == "gone":
+            return f"was stopped by `{STOPPED_BY_STOP}` at {when} (its supervisor had been killed)"
         return f"exited with status {ex['returncode']} at {when}"
 
     def drop_target(self) -> None:

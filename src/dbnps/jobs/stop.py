@@ -28,8 +28,11 @@ def request_stop(target: Target, timeout: float):
 def wait_stopped(run: Run, timeout: float) -> int:
     """Wait for a stopping job to exit with status 0 (UserError otherwise); returns how
     many processes were left behind after mpiexec ended and had to be killed."""
+    orphaned = run.orphaned()  # its supervisor was killed: nobody will write exit.json
+    # The supervisor ends when mpiexec has; an orphaned job has ended when its session has.
+    ending = run.running if orphaned else run.supervised
     deadline = time.monotonic() + timeout
-    while run.running():
+    while ending():
         if time.monotonic() > deadline:
             raise UserError(
                 f"job {run.id} did not exit within {timeout:.0f}s after stopping; "
@@ -44,6 +47,10 @@ def wait_stopped(run: Run, timeout: float) -> int:
         leftovers = process.kill_session(
             run.info["sid"], grace_s=2.0, created_at=run.info.get("pid_created")
         )
+    if orphaned:
+        run.record_orphan_end()
+        run.drop_target()
+        return leftovers
     ex = run.exit_info()
     if ex is None:
         raise UserError(f"job {run.id} ended without an exit status; see {run.log}")
