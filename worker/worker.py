@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +52,36 @@ class Faults:
     slow_phase_s: float = 0.0  # every phase's local set-up takes this much longer
     finalize_delay_worker: int = -1  # this worker enters the end-of-job collective late
     finalize_delay_s: float = 0.0
+
+
+@dataclass
+class Counts:
+    """What this worker has done, for its stats row on the server."""
+
+    steps: int = 0
+    samples: int = 0
+    pushes: int = 0
+    pulls: int = 0
+    loss: float = float("nan")
+    rate: float = 0.0  # samples/s, over the last >= 0.5 s
+    _t: float = field(default_factory=time.monotonic)
+    _s: int = 0
+
+    def tick_rate(self) -> None:
+        now = time.monotonic()
+        if now - self._t > 0.5:
+            self.rate = (self.samples - self._s) / (now - self._t)
+            self._t, self._s = now, self.samples
+
+    def fields(self, rate: float | None = None) -> dict[str, float]:
+        return {
+            "steps": self.steps,
+            "samples": self.samples,
+            "loss": self.loss,
+            "rate": self.rate if rate is None else rate,
+            "pushes": self.pushes,
+            "pulls": self.pulls,
+        }
 
 
 class Profile:
@@ -199,107 +229,107 @@ class Worker:
             self._finished = True
 
     def _run(self) -> None:
-        cfg, layout, client = self.cfg, self.layout, self.client
-        cadence = Cadence(1, 1)
-        info = client.pull(self.params.flat, 0, layout.size)
-        phase = -1
-        steps = pushes = pulls = 0
-        samples = 0
-        loss = float("nan")
-        t_rate, s_rate = time.monotonic(), 0
-        rate = 0.0
+        """The Downpour loop: step, push when due, pull when due, follow the server's phase."""
+        layout, client = self.layout, self.client
+        counts = Counts()
         profile = Profile()
+        info = client.pull(self.params.flat, 0, layout.size)
+        phase, cadence, prof = -1, Cadence(1, 1), {}  # prof: set at the first phase
         while True:
-            if info.members != self.members:
-                # The server marked a worker dead: take our part of its shard.
-                self.members = info.members
-                if not self._reshard(info.dead):
-                    break  # we were presumed dead (silent too long): our shard is taken
-                if self.sampler is not None and phase == info.phase:
-                    self._local_begin_phase(phase)
+            if info.members != self.members and not self._follow_membership(info, phase):
+                break  # we were presumed dead (silent too long): our shard is taken
             if info.phase != phase:
-                if info.phase >= layout.done_phase:
-                    break
-                if phase != -1:
-                    info = client.pull(self.params.flat, 0, layout.size)
-                    pulls += 1
-                    if info.phase >= layout.done_phase:
-                        break
-                client.report(state=STATE_RUNNING)  # begin_phase can take a while
+                info = self._enter_phase(info, phase, counts)
+                if info is None:
+                    break  # done
                 phase = info.phase
-                if self.sampler is not None:
-                    self._local_begin_phase(phase)
-                cadence = Cadence(*cfg.ps.every(pretraining=phase < layout.n_layers), self.acc)
-                if self.rule is not None:
-                    self.rule.reset()  # as the server's rule does at a phase change
+                cadence = Cadence(*self.cfg.ps.every(pretraining=phase < layout.n_layers), self.acc)
                 prof = profile.phase(layout.phase_name(phase))
             lo, hi = layout.phase_range(phase)
             self._progress = time.monotonic()
             t0 = time.perf_counter()
-            loss, n = self._step(phase, info.samples / max(self.n_train, 1))
+            counts.loss, n = self._step(phase, info.samples / max(self.n_train, 1))
             prof["step"] += time.perf_counter() - t0
             prof["steps"] += 1
-            steps += 1
-            samples += n
+            counts.steps += 1
+            counts.samples += n
             out = cadence.step(self.grad.flat, lo, hi, n)  # due: the gradient (sum) to push
             if out is not None:
-                if self.faults.nan_worker == self.me and (pushes + 1) % self.faults.nan_every == 0:
-                    out[lo] = np.float32("nan")
-                t0 = time.perf_counter()
-                if self.rule is not None:
-                    self._accumulate(out, lo, hi, cadence.samples, phase, info.samples)
-                else:
-                    client.push(out, lo, hi, n_samples=cadence.samples, phase=phase)
-                prof["push"] += time.perf_counter() - t0
-                pushes += 1
-                if cfg.ps.sync:
-                    client.wait()
-                now = time.monotonic()
-                if now - t_rate > 0.5:
-                    rate = (samples - s_rate) / (now - t_rate)
-                    t_rate, s_rate = now, samples
-                client.report(
-                    steps=steps,
-                    samples=samples,
-                    loss=loss,
-                    rate=rate,
-                    pushes=pushes,
-                    pulls=pulls,
-                    state=STATE_RUNNING,
-                )
-            if cfg.run.max_steps and steps >= cfg.run.max_steps:
+                self._send(out, lo, hi, cadence.samples, phase, info.samples, counts, prof)
+            if self.cfg.run.max_steps and counts.steps >= self.cfg.run.max_steps:
                 break
-            if cadence.pull_due:
-                # Read your own writes: a pull that races our in-flight push would
-                # hand us parameters without our last update (staleness >= 1 even
-                # alone, which momentum turns into oscillation).  The wait is one
-                # server check + apply (~1.3 ms for the full model) against a
-                # ~12 ms step.
-                t0 = time.perf_counter()
-                if self.rule is None:  # accumulate mode: our update is in when push returns
-                    client.wait()
-                t1 = time.perf_counter()
-                info = client.pull(self.params.flat, lo, hi)
-                prof["wait"] += t1 - t0
-                prof["pull"] += time.perf_counter() - t1
-                pulls += 1
-            else:
-                hdr = client.header(0)
-                if int(hdr[PHASE]) != phase:
-                    info = client.pull(self.params.flat, 0, layout.size)
-                    pulls += 1
+            info = self._refresh(info, cadence.pull_due, phase, lo, hi, counts, prof)
         client.wait()  # our last push has been taken (applied or rejected) before we leave
         if os.environ.get("DBNPS_PROFILE"):
             profile.print(f"[worker {self.me}]")
-        client.report(
-            steps=steps,
-            samples=samples,
-            loss=loss,
-            rate=0.0,
-            pushes=pushes,
-            pulls=pulls,
-            state=STATE_DONE,
-        )
+        client.report(**counts.fields(rate=0.0), state=STATE_DONE)
+
+    def _follow_membership(self, info: rma.PullInfo, phase: int) -> bool:
+        """The server marked a worker dead: take our part of its shard (False: we are out)."""
+        self.members = info.members
+        if not self._reshard(info.dead):
+            return False
+        if self.sampler is not None and phase == info.phase:
+            self._local_begin_phase(phase)
+        return True
+
+    def _enter_phase(self, info: rma.PullInfo, old: int, counts: Counts) -> rma.PullInfo | None:
+        """The server moved to phase `info.phase`: the whole vector (the lower layers are
+        final now), this phase's local set-up, a fresh update rule; None once it is done."""
+        layout, client = self.layout, self.client
+        if info.phase >= layout.done_phase:
+            return None
+        if old != -1:
+            info = client.pull(self.params.flat, 0, layout.size)
+            counts.pulls += 1
+            if info.phase >= layout.done_phase:
+                return None
+        client.report(state=STATE_RUNNING)  # begin_phase can take a while
+        if self.sampler is not None:
+            self._local_begin_phase(info.phase)
+        if self.rule is not None:
+            self.rule.reset()  # as the server's rule does at a phase change
+        return info
+
+    def _send(self, out, lo: int, hi: int, n: int, phase: int, at: int, counts, prof) -> None:
+        """Push the due gradient (accumulate mode: add our update rule's increment)."""
+        client = self.client
+        f = self.faults
+        if f.nan_worker == self.me and (counts.pushes + 1) % f.nan_every == 0:
+            out[lo] = np.float32("nan")
+        t0 = time.perf_counter()
+        if self.rule is not None:
+            self._accumulate(out, lo, hi, n, phase, at)
+        else:
+            client.push(out, lo, hi, n_samples=n, phase=phase)
+        prof["push"] += time.perf_counter() - t0
+        counts.pushes += 1
+        if self.cfg.ps.sync:
+            client.wait()
+        counts.tick_rate()
+        client.report(**counts.fields(), state=STATE_RUNNING)
+
+    def _refresh(self, info, pull_due: bool, phase: int, lo: int, hi: int, counts, prof):
+        """Pull this phase's range when due; otherwise only look at the phase word."""
+        client = self.client
+        if pull_due:
+            # Read your own writes: a pull that races our in-flight push would
+            # hand us parameters without our last update (staleness >= 1 even
+            # alone, which momentum turns into oscillation).  The wait is one
+            # server check + apply (~1.3 ms for the full model) against a
+            # ~12 ms step.
+            t0 = time.perf_counter()
+            if self.rule is None:  # accumulate mode: our update is in when push returns
+                client.wait()
+            t1 = time.perf_counter()
+            info = client.pull(self.params.flat, lo, hi)
+            prof["wait"] += t1 - t0
+            prof["pull"] += time.perf_counter() - t1
+            counts.pulls += 1
+        elif int(client.header(0)[PHASE]) != phase:
+            info = client.pull(self.params.flat, 0, self.layout.size)
+            counts.pulls += 1
+        return info
 
     def _accumulate(self, grad, lo: int, hi: int, n: int, phase: int, samples: int) -> None:
         """`[ps] mode = "accumulate"`: run the update rule here, add its increment on the server.
