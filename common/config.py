@@ -80,7 +80,10 @@ class PSConfig:
     pretrain_n_push: int = 0  # n_push while pretraining; 0: same as n_push
     staleness_bound: int = 0  # tau; 0: unbounded. A push staler than tau is dropped
     # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
-    # (staleness-aware lr, Zhang et al. IJCAI 2016); "none": every push weighs 1.
+    # (staleness-aware lr, Zhang et al. IJCAI 2016); "compensate": the momentum (and,
+    # past 1/(1 - momentum) effective workers, the lr) is lowered by the asynchrony's
+    # implicit momentum at the running mean staleness (server/handle.compensate);
+    # "none": every push weighs 1 and the schedule's lr and momentum apply as they are.
     staleness_lr: str = "none"
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
@@ -235,12 +238,13 @@ def validate(cfg: Config) -> None:
         _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: as n_fetch/n_push)")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
     _check(
-        p.staleness_lr in ("none", "inverse"),
-        f"[ps] staleness_lr must be one of none, inverse, got {p.staleness_lr!r}",
+        p.staleness_lr in ("none", "inverse", "compensate"),
+        f"[ps] staleness_lr must be one of none, inverse, compensate, got {p.staleness_lr!r}",
     )
     _check(
         p.staleness_lr == "none" or p.mode == "apply",
-        '[ps] staleness_lr = "inverse" needs mode = "apply" (the server weighs the pushes)',
+        f'[ps] staleness_lr = "{p.staleness_lr}" needs mode = "apply" (the server applies '
+        "the pushes)",
     )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")

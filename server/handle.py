@@ -19,7 +19,9 @@ numpy arrays.
    step shrinks with its staleness), else weight 1;
 3. apply the sum once with the update rule (`dbnps.common.updaters`) and
    advance VERSION by the pushes and SAMPLES by their samples, together
-   inside `shard.write()` (the transport's seqlock bracket).
+   inside `shard.write()` (the transport's seqlock bracket).  Under
+   `staleness_lr = "compensate"` the rule gets the momentum and lr of
+   `compensate` at the running mean staleness instead of the schedule's.
 """
 
 from __future__ import annotations
@@ -78,8 +80,28 @@ class RequestHandle(Protocol):
     def __call__(self, pushes: list[Push], shard: Shard) -> Outcome: ...
 
 
+def compensate(lr: float, momentum: float, k_eff: float) -> tuple[float, float]:
+    """The (lr, momentum) that give momentum SGD its configured step under asynchrony.
+
+    Asynchrony begets momentum (Mitliagkas et al. 2016): with updates that are
+    on average tau stale, the K_eff = 1 + tau replicas add an implicit momentum
+    mu_a = 1 - 1/K_eff, and the two combine as 1 - mu_total = (1 - mu')(1 - mu_a).
+    Keeping 1 - mu_total = 1 - mu (and with it the effective step lr/(1 - mu))
+    gives mu' = 1 - K_eff (1 - mu).  Once that is below 0 (K_eff > 1/(1 - mu)),
+    mu' = 0 and the lr shrinks instead: lr' = lr / (K_eff (1 - mu)), so that
+    lr' / (1 - mu_total) = lr / (1 - mu) still.  K_eff = 1 gives (lr, mu) back.
+    """
+    k_eff = max(k_eff, 1.0)
+    mu = 1.0 - k_eff * (1.0 - momentum)
+    if mu >= 0.0:
+        return lr, mu
+    return lr / (k_eff * (1.0 - momentum)), 0.0
+
+
 class Aggregate:
     """Validate, sum and apply a batch of pushes with one pass of the update rule."""
+
+    TAU_DECAY = 0.98  # the running mean staleness forgets over ~50 applied pushes
 
     def __init__(
         self, rule, *, staleness_bound: int = 0, staleness_lr: str = "none", constrain=None
@@ -90,6 +112,8 @@ class Aggregate:
         self.constrain = constrain
         self.staleness_bound = staleness_bound
         self.inverse = staleness_lr == "inverse"
+        self.compensating = staleness_lr == "compensate"
+        self.tau_mean: float | None = None  # running mean staleness of the applied pushes
         self._agg = np.empty(rule.size, dtype=np.float32)
 
     def __call__(self, pushes: list[Push], shard: Shard) -> Outcome:
@@ -120,13 +144,25 @@ class Aggregate:
         out.applied = len(accepted)
         out.samples = sum(p.n_samples for p in accepted)
         out.staleness = [max(shard.version - p.pulled_version, 0) for p in accepted]
+        lr, mom = shard.lr, shard.momentum
+        if self.compensating:
+            lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(out.staleness))
         with shard.write():  # pulls see the parameters and their version change together
-            self.rule.apply(shard.params[a:b], agg, shard.lr, shard.momentum, a)
+            self.rule.apply(shard.params[a:b], agg, lr, mom, a)
             if self.constrain is not None:
                 self.constrain(shard)
             shard.header[VERSION] += out.applied
             shard.header[SAMPLES] += out.samples
         return out
+
+    def _mean_staleness(self, taus: list[int]) -> float:
+        """Exponentially weighted mean of tau over the applied pushes (starts at the first)."""
+        for tau in taus:
+            if self.tau_mean is None:
+                self.tau_mean = float(tau)
+            else:
+                self.tau_mean = self.TAU_DECAY * self.tau_mean + (1 - self.TAU_DECAY) * tau
+        return self.tau_mean or 0.0
 
     def sum(self, pushes: list[Push], version: int, a: int, b: int) -> np.ndarray:
         """sum_i w_i g_i over the pushes (a scratch buffer; a lone unweighted push in place).

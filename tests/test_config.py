@@ -45,6 +45,8 @@ def test_load_toml(tmp_path: Path) -> None:
         ({"modle": {}}, "[modle]"),
         ({"model": {"layers": [784, 10]}}, "[model] layers"),
         ({"pretrain": {"lr": -0.1}}, "[pretrain] lr"),
+        ({"ps": {"staleness_lr": "half"}}, "[ps] staleness_lr"),
+        ({"ps": {"staleness_lr": "compensate", "mode": "accumulate"}}, "[ps] staleness_lr"),
         ({"finetune": {"lr": 0}}, "[finetune] lr"),
         ({"pretrain": {"lr": "fast"}}, "[pretrain] lr"),
         ({"pretrain": {"lr": float("nan")}}, "[pretrain] lr"),

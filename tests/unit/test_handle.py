@@ -19,7 +19,7 @@ from dbnps.common.protocol import (
     Push,
 )
 from dbnps.common.updaters import make_rule
-from dbnps.server.handle import Aggregate, Shard
+from dbnps.server.handle import Aggregate, Shard, compensate
 
 N = 6
 
@@ -136,3 +136,54 @@ def test_a_shard_without_the_phase_counts_pushes_without_touching_parameters():
     out = Aggregate(make_rule("sgd", N))([push(0, np.zeros(0), lo=0, hi=0)], sh)
     assert out.results == {0: APPLIED} and sh.header[VERSION] == 11
     np.testing.assert_array_equal(sh.params, np.ones(N))
+
+
+@pytest.mark.parametrize(
+    ("k_eff", "want"),
+    [
+        (1.0, (0.2, 0.9)),  # no asynchrony: the schedule as it is
+        (2.0, (0.2, 0.8)),  # mu' = 1 - K (1 - mu)
+        (4.0, (0.2, 0.6)),
+        (10.0, (0.2, 0.0)),  # the implicit momentum alone is 0.9
+        (40.0, (0.05, 0.0)),  # beyond: the lr shrinks, lr / (K (1 - mu))
+        (0.5, (0.2, 0.9)),  # K_eff < 1 is treated as 1
+    ],
+)
+def test_compensate_keeps_the_effective_step_of_momentum_sgd(k_eff, want):
+    lr, mu = compensate(0.2, 0.9, k_eff)
+    assert lr == pytest.approx(want[0]) and mu == pytest.approx(want[1], abs=1e-12)
+    # the invariant: lr' / (1 - mu_total) == lr / (1 - mu), with 1 - mu_total = (1 - mu') / K
+    k = max(k_eff, 1.0)
+    assert lr / ((1 - mu) / k) == pytest.approx(0.2 / (1 - 0.9))
+
+
+class _Recorder:
+    """An update rule that records the (lr, momentum) it is applied with."""
+
+    size = N
+
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, params, step, lr, momentum, lo):
+        self.calls.append((lr, momentum))
+
+
+def test_compensate_applies_the_momentum_of_the_running_mean_staleness():
+    """tau = 3 on every push: K_eff tends to 4, so momentum 0.9 is applied as 0.6."""
+    rule = _Recorder()
+    agg = Aggregate(rule, staleness_lr="compensate")
+    for v in range(10, 400):
+        sh = shard(version=v)
+        sh.momentum = 0.9
+        agg([push(0, np.ones(N), pulled=v - 3)], sh)
+    lr, mu = rule.calls[-1]
+    assert agg.tau_mean == pytest.approx(3.0)
+    assert lr == 0.5 and mu == pytest.approx(0.6)
+    # a synchronous push stream (tau 0) keeps the schedule's momentum
+    rule0 = _Recorder()
+    agg0 = Aggregate(rule0, staleness_lr="compensate")
+    sh = shard()
+    sh.momentum = 0.9
+    agg0([push(0, np.ones(N), pulled=10)], sh)
+    assert rule0.calls == [(0.5, 0.9)]
