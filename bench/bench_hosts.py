@@ -257,9 +257,9 @@ def job_config(path: Path, ps: dict, target: float) -> Path:
 
 
 def run_job(hosts, spec: str, ps: dict, target: float, tmp: Path, tag: str) -> dict:
-    from dbnps.cli.run import job_argv
     from dbnps.common import launcher
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     run_dir = tmp / tag
     run_dir.mkdir(parents=True)

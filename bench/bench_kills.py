@@ -25,10 +25,10 @@ from pathlib import Path
 
 import psutil
 
-from dbnps.cli.run import job_argv
 from dbnps.common.config import dump_toml
 from dbnps.common.launcher import mpi_env
 from dbnps.common.mnist import resolve_data_dir
+from dbnps.jobs.launch import job_argv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CFG = {

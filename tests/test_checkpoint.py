@@ -207,9 +207,9 @@ def test_kill_during_a_checkpoint_write_then_resume_from_the_previous_good_one(t
 
 
 def _run(cfg: Path, run_dir: Path, *, env: dict, extra=()) -> subprocess.CompletedProcess:
-    from dbnps.cli.run import job_argv
     from dbnps.common.launcher import mpi_env
     from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
 
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = job_argv(cfg, 2, 1, resolve_data_dir(None), run_dir, extra_server_args=tuple(extra))

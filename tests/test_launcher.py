@@ -319,3 +319,24 @@ def test_sbatch_asks_for_overcommit_and_runs_through_psctl() -> None:
     text = SBATCH.read_text()
     assert "#SBATCH --overcommit" in text
     assert '"$VENV/bin/psctl" start' in text and "mpiexec" not in text.split("set -euo")[1]
+
+
+def test_sbatch_ends_with_the_jobs_exit_status(tmp_path: Path) -> None:
+    """The batch step's last line reads the job's exit.json and exits with its status
+    (it imported a name the CLI split moved, so every Slurm job would have ended in
+    an ImportError instead of the job's status)."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    code = re.search(r"exec \"\$VENV/bin/python\" -c '(.*?)' \"\$JOB\"", SBATCH.read_text(), re.S)
+    assert code, "the sbatch script's last step changed shape"
+    run = tmp_path / "state" / "runs" / "slurm-7"
+    run.mkdir(parents=True)
+    (run / "exit.json").write_text(json.dumps({"returncode": 3}))
+    env = {**os.environ, "DBNPS_STATE_DIR": str(tmp_path / "state")}
+    res = subprocess.run(
+        [sys.executable, "-c", code.group(1), "slurm-7"], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 3, res.stderr
