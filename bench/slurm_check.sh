@@ -17,7 +17,7 @@
 # run left and starts from a clean state.  Exit status 0 only if every check
 # passed; the output is what bench/results/slurm-single-node.txt records.
 #
-# Environment: DBNPS_CHECK_CONFIG (configs/small.toml), DBNPS_CHECK_NTASKS (3:
+# Environment: DBNPS_CHECK_CONFIG (configs/small.toml with 60 fine-tuning epochs), DBNPS_CHECK_NTASKS (3:
 # one server + 2 workers, more tasks than the 2 CPUs here, so the script's
 # --overcommit is exercised), DBNPS_CHECK_TIMEOUT_S (600), DBNPS_CHECK_VENV (the
 # venv the job runs from: this checkout's .venv), DBNPS_CHECK_SBATCH (the batch
@@ -26,7 +26,17 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 W=${DBNPS_SLURM_DIR:-/tmp/dbnps-slurm-check}
-CONFIG=${DBNPS_CHECK_CONFIG:-$REPO/configs/small.toml}
+if [[ -n ${DBNPS_CHECK_CONFIG:-} ]]; then
+  CONFIG=$DBNPS_CHECK_CONFIG
+else
+  # configs/small.toml with 60 fine-tuning epochs instead of 8: on a quiet machine
+  # the shipped one trains for ~2 s, and the job ended between the two status
+  # checks below (seen: --run answered, --address was refused a moment later).
+  CONFIG=/tmp/dbnps-slurm-check-config.toml
+  sed 's/^epochs = 8.0$/epochs = 60.0/' "$REPO/configs/small.toml" >"$CONFIG"
+  grep -q '^epochs = 60.0$' "$CONFIG" || { echo "small.toml changed shape" >&2; exit 2; }
+  chmod 644 "$CONFIG"
+fi
 NTASKS=${DBNPS_CHECK_NTASKS:-3}
 TIMEOUT_S=${DBNPS_CHECK_TIMEOUT_S:-600}
 VENV=${DBNPS_CHECK_VENV:-$REPO/.venv}
@@ -144,6 +154,10 @@ check_as() {
     id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
     home=$W/home-$user
     install -d -o "$user" -g "$user" "$home"
+    # The job runs the venv's interpreter as this user: a venv made from a Python
+    # under a private home (pyenv in /root, mode 700) cannot start for anyone else.
+    runuser -u "$user" -- "$VENV/bin/python" -c pass 2>/dev/null ||
+      fail "[$user] cannot run $VENV/bin/python (a parent directory is private?); give a venv $user can execute with DBNPS_CHECK_VENV"
   fi
   local -a as=(env)
   [[ $user == root ]] || as=(runuser -u "$user" -- env)
