@@ -35,10 +35,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def study_config(base: Path, rule: str, target: float, cap: float, out: Path) -> Path:
-    from dbnps.common.config import load, to_toml
+def study_config(
+    base: Path, rule: str, target: float, cap: float, out: Path, sets: list[str] = ()
+) -> Path:
+    """The base config with the study's settings, then each `section.key=value` of `sets`."""
+    import tomllib
+
+    from dbnps.common.config import from_dict, load, to_toml
 
     cfg = load(base)
+    if sets:
+        d = cfg.to_dict()
+        for kv in sets:
+            key, _, value = kv.partition("=")
+            section, _, name = key.partition(".")
+            d.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
+        cfg = from_dict(d)
     cfg.data.validation = 10000
     cfg.run.target_accuracy = target
     cfg.run.eval_every_epochs = 0.5
@@ -83,6 +95,13 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "mnist-dbn-fast.toml"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "staleness"))
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (TOML value), e.g. pretrain.momentum_final=0.0",
+    )
     ap.add_argument("--replot", nargs="+", metavar="JSON", help="merge earlier runs, run nothing")
     args = ap.parse_args()
     if args.replot:
@@ -98,7 +117,7 @@ def main() -> None:
     for k in ks:
         for rule in rules:
             cfg = study_config(
-                Path(args.config), rule, args.target, args.cap, work / f"{rule}.toml"
+                Path(args.config), rule, args.target, args.cap, work / f"{rule}.toml", args.set
             )
             run_dir = work / f"k{k:02d}-{rule}"
             t0 = time.time()
@@ -130,7 +149,7 @@ def main() -> None:
             )
             Path(str(out) + ".json").write_text(
                 json.dumps({"command": " ".join(sys.argv), "target": args.target,
-                            "config": args.config, "rows": rows}, indent=1) + "\n"
+                            "config": args.config, "set": args.set, "rows": rows}, indent=1) + "\n"
             )  # fmt: skip
     Path(str(out) + ".md").write_text(table(rows, args) + "\n")
     plot(rows, rules, Path(str(out) + ".png"), args.target)
@@ -140,7 +159,9 @@ def main() -> None:
 def table(rows: list[dict], args) -> str:
     lines = [
         f"Epochs and updates to {args.target:.1%} validation accuracy vs K workers; "
-        f"`python bench/bench_staleness.py --workers {args.workers} --rules {args.rules}`, "
+        f"`python bench/bench_staleness.py --workers {args.workers} --rules {args.rules}"
+        + "".join(f" --set {kv}" for kv in getattr(args, "set", []))
+        + "`, "
         f"config {Path(args.config).name} (validation 10000, evaluations every 0.5 epoch, "
         f"at most {args.cap:g} fine-tuning epochs).",
         "",
