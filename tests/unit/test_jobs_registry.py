@@ -60,10 +60,10 @@ def test_how_a_run_ended(state):
     assert "without an exit status" in run.describe_end()
     (run.dir / registry.EXIT_FILE).write_text(json.dumps({"returncode": 3, "ended": 0.0}))
     assert run.state() == "exited 3" and "exited with status 3 at" in run.describe_end()
-    run.record_forced_end()  # the supervisor's exit status stays
+    run.record_end(STOPPED_BY_FORCE)  # the supervisor's exit status stays
     assert run.exit_info()["returncode"] == 3
     other = _new("f")
-    other.record_forced_end()
+    other.record_end(STOPPED_BY_FORCE)
     assert other.exit_info()["stopped_by"] == STOPPED_BY_FORCE and other.state() == "killed"
     assert f"killed by `{STOPPED_BY_FORCE}`" in other.describe_end()
 

@@ -118,24 +118,21 @@ def kill_session(sid: int, grace_s: float = 5.0, *, created_at: float | None = N
     pid recycled meanwhile is not signalled.  Returns how many processes there were.
     """
     procs = job_processes(sid, created_at)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            continue
-    for proc in _wait_gone(procs, grace_s):
-        try:
-            proc.kill()
-        except psutil.Error:
-            continue
+    _signal(procs, "terminate")
+    _signal(_wait_gone(procs, grace_s), "kill")
     _wait_gone(procs, 5.0)
     # A process the job forked after the first look (mpiexec starting a rank as it
     # was told to stop) is killed too: nothing of the session may outlive a stop.
     late = job_processes(sid, created_at)
-    for proc in late:
-        try:
-            proc.kill()
-        except psutil.Error:
-            continue
+    _signal(late, "kill")
     _wait_gone(late, 5.0)
     return len(procs)
+
+
+def _signal(procs: list[psutil.Process], how: str) -> None:
+    """`proc.terminate()` or `proc.kill()` on each; one already gone is skipped."""
+    for proc in procs:
+        try:
+            getattr(proc, how)()
+        except psutil.Error:
+            continue

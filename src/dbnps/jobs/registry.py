@@ -98,28 +98,17 @@ class Run:
         """The ranks live on without the supervisor: no restart, no exit status."""
         return not self.supervised() and bool(job_pids(self.info))
 
-    def record_orphan_end(self) -> None:
-        """exit.json for an orphaned job that `psctl stop` ended (nobody else will write it)."""
-        if self.exit_info() is None:
-            write_json_atomic(
-                self.dir / EXIT_FILE,
-                {
-                    "returncode": None,
-                    "ended": time.time(),
-                    "stopped_by": STOPPED_BY_STOP,
-                    "supervisor": "gone",
-                },
-            )
-
     def exit_info(self) -> dict | None:
         return _read_json(self.dir / EXIT_FILE)
 
-    def record_forced_end(self) -> None:
-        """exit.json for a job killed with its supervisor (which could not write it)."""
+    def record_end(self, stopped_by: str, **extra) -> None:
+        """exit.json for an end the supervisor could not record (it was killed, or had
+        been: `psctl stop --force`, or `psctl stop` of an orphaned job); an exit
+        status the supervisor did write stays."""
         if self.exit_info() is None:
             write_json_atomic(
                 self.dir / EXIT_FILE,
-                {"returncode": None, "ended": time.time(), "stopped_by": STOPPED_BY_FORCE},
+                {"returncode": None, "ended": time.time(), "stopped_by": stopped_by, **extra},
             )
 
     def state(self) -> str:

@@ -13,7 +13,7 @@ from dbnps.common.errors import UserError
 from dbnps.jobs import process
 from dbnps.jobs.client import Target
 from dbnps.jobs.registry import Run, find_run
-from dbnps.runfiles import FORCE_MARKER
+from dbnps.runfiles import FORCE_MARKER, STOPPED_BY_FORCE, STOPPED_BY_STOP
 
 
 def request_stop(target: Target, timeout: float):
@@ -48,7 +48,7 @@ def wait_stopped(run: Run, timeout: float) -> int:
             run.info["sid"], grace_s=2.0, created_at=run.info.get("pid_created")
         )
     if orphaned:
-        run.record_orphan_end()
+        run.record_end(STOPPED_BY_STOP, supervisor="gone")
         run.drop_target()
         return leftovers
     ex = run.exit_info()
@@ -67,6 +67,6 @@ def force_stop(run_id: str | None) -> tuple[Run, int]:
     # Read by the supervisor: the end is the user's doing, not a failure to restart.
     (run.dir / FORCE_MARKER).touch()
     n = process.kill_session(run.info["sid"], created_at=run.info.get("pid_created"))
-    run.record_forced_end()  # the supervisor was killed before it could say so
+    run.record_end(STOPPED_BY_FORCE)  # the supervisor was killed before it could say so
     run.drop_target()
     return run, n
