@@ -35,6 +35,7 @@ from dbnps.common.layout import Layout
 from dbnps.common.schedule import PhaseSchedule, hyper
 from dbnps.common.selection import Selection
 from dbnps.common.updaters import make_rule
+from dbnps.common.wakeup import Wakeup, tighten_timer_slack
 from dbnps.server.handle import Aggregate, RequestHandle, Shard
 from dbnps.server.state import ServerState
 
@@ -107,6 +108,7 @@ class ParameterServer:
         self._next_eval = cfg.run.eval_every_epochs
         self._last_log = time.time()
         self._last_refresh = 0.0
+        self.wakeup: Wakeup | None = None  # the loop's push forecast (run() makes it)
         self.checkpointer = None  # rank 0: a checkpoint.Periodic, set by dbnps.server.__main__
         self.progress_every_s = 0.0  # rank 0, > 0: print `[progress] {json}` lines for psctl
         self._last_progress = 0.0
@@ -333,7 +335,7 @@ class ParameterServer:
             self._collect_eval(block=sync)  # an older result never lands after a newer one
             if self._eval is None:
                 self.ps.gather_params(self._flat)
-                self._eval = self._pool.submit(self.evaluate, snap := self._flat.copy())
+                self._eval = self._pool.submit(self._timed_evaluate, snap := self._flat.copy())
                 self._eval_of = (entry, st.version, snap)
                 self._collect_eval(block=sync)
         st.history.append(entry)
@@ -353,6 +355,14 @@ class ParameterServer:
             f"{rate:,.0f} samples/s  loss {st.loss:.4f}{acc}  t={entry['t']:.1f}s"
         )
 
+    def _timed_evaluate(self, flat: np.ndarray) -> float:
+        """The evaluation thread: `evaluate`, its CPU booked as `cpu["eval"]`."""
+        c0 = time.thread_time()
+        try:
+            return self.evaluate(flat)
+        finally:
+            self.state.cpu["eval"] += time.thread_time() - c0
+
     def _collect_eval(self, block: bool = False) -> None:
         """Take the pending evaluation's result (waiting for it if `block`) and offer it."""
         if self._eval is None or not (block or self._eval.done()):
@@ -370,21 +380,32 @@ class ParameterServer:
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> ServerState:
-        """Serve until every worker is done or dead (rank 0 decides, followers copy)."""
+        """Serve until every worker is done or dead (rank 0 decides, followers copy).
+
+        Between pushes the loop sleeps as `Wakeup` forecasts (until just before
+        the next worker is due), so waiting costs little CPU without making
+        the workers wait longer for their acks.  The loop's CPU is booked in
+        `ServerState.cpu`: serving (validate, sum, apply, ack) and the rest
+        (looking at the mailboxes, bookkeeping, sleeping).
+        """
         st = self.state
-        pause = 1e-5
+        tighten_timer_slack()  # a 50 us sleep is 50 us, not 100
+        wake = self.wakeup = Wakeup(self.topo.n_workers)
+        cpu_start = time.thread_time()
         while True:
             pushes = self.ps.poll()
             if self.accumulate and not pushes:
                 self._follow_header()  # a phase can end before its last record arrives
             if pushes:
-                t0 = time.perf_counter()
+                now = time.monotonic()
+                for p in pushes:
+                    wake.pushed(p.worker, now)
+                t0, c0 = time.perf_counter(), time.thread_time()
                 (self.count if self.accumulate else self.serve)(pushes)
                 st.busy_seconds += time.perf_counter() - t0
-                pause = 1e-5
+                st.cpu["serve"] += time.thread_time() - c0
             else:
-                time.sleep(pause)
-                pause = min(pause * 2, 2e-4)  # <= 0.2 ms late to a push, ~10% of a core
+                time.sleep(wake.delay(time.monotonic()))
             if self.topo.rank == 0:
                 self._rank0_tick()
                 self._maybe_checkpoint()
@@ -396,6 +417,7 @@ class ParameterServer:
                     break
             if self.on_tick is not None:
                 self.on_tick(self)
+            st.cpu["loop"] = time.thread_time() - cpu_start
         if self.topo.rank == 0:
             self.ps.begin_write()
             self.ps.header[pr.STOP] = pr.STOP_ALL  # followers leave their loops
@@ -420,6 +442,8 @@ class ParameterServer:
         self.ps.begin_write()
         pr.mark_dead(self.ps.header, w)
         self.ps.end_write()
+        if self.wakeup is not None:
+            self.wakeup.forget(w)
         self.log(
             f"[server] worker {w} (rank {self.topo.n_servers + w}) marked dead: {why}; "
             f"its shard is redistributed over {int(self.state.worker_alive.sum())} workers"

@@ -46,6 +46,10 @@ class ServerState:
     bytes_in: int = 0
     apply_seconds: float = 0.0  # inside the update rule
     busy_seconds: float = 0.0  # in handle(): validate, sum, apply, ack
+    # CPU seconds (thread CPU time) of the main loop ("loop"), of which serving
+    # pushes ("serve"), and of the evaluation thread ("eval"): what is left of
+    # the loop is waiting (mailbox looks, bookkeeping, sleeps)
+    cpu: dict[str, float] = field(default_factory=lambda: {"loop": 0.0, "serve": 0.0, "eval": 0.0})
     first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
     last_apply: float = 0.0
     staleness_counts: np.ndarray = field(
@@ -116,6 +120,16 @@ class ServerState:
         self.staleness_sum += s
         self.staleness_max = max(self.staleness_max, s)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """This rank's CPU by role: serve, wait (the loop's rest), eval, and the whole process."""
+        c = self.cpu
+        return {
+            "serve": round(c["serve"], 3),
+            "wait": round(max(c["loop"] - c["serve"], 0.0), 3),
+            "eval": round(c["eval"], 3),
+            "process": round(time.process_time(), 3),  # all threads, start-up included
+        }
+
     def summary(self) -> dict:
         """A JSON-ready snapshot (written at the end of a run, and for `status --json`)."""
         n = self.staleness_count
@@ -127,6 +141,7 @@ class ServerState:
             "bytes_in": self.bytes_in,
             "apply_seconds": round(self.apply_seconds, 6),
             "busy_seconds": round(self.busy_seconds, 6),
+            "cpu_seconds": self.cpu_seconds(),
             "ingest_updates_per_s": self.ingest_rate,
             "capacity_updates_per_s": self.applied_total / self.busy_seconds
             if self.busy_seconds

@@ -71,6 +71,10 @@ def test_conservation_with_three_workers(tmp_path, job, servers, mode):
     np.testing.assert_allclose(
         final_params(res.run_dir), expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5
     )
+    # rank 0's CPU by role: it served pushes, and its parts fit in the process's total
+    cpu = s["cpu_seconds"]
+    assert cpu["serve"] > 0 and cpu["wait"] >= 0 and cpu["eval"] >= 0
+    assert cpu["serve"] + cpu["wait"] + cpu["eval"] <= cpu["process"] + 0.05
 
 
 @pytest.mark.parametrize("mode", ["apply", "accumulate"])

@@ -1,0 +1,86 @@
+"""The server loop's wake-up forecast (dbnps.common.wakeup), on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbnps.common.wakeup import Wakeup
+
+
+def steady(w: Wakeup, worker: int, period: float, n: int, t0: float = 0.0) -> float:
+    t = t0
+    for _ in range(n):
+        w.pushed(worker, t)
+        t += period
+    return t - period  # the last push
+
+
+def test_nothing_forecast_backs_off_to_the_cap():
+    w = Wakeup(2, fine_s=1e-4, max_sleep_s=1e-3)
+    pauses = [w.delay(0.0) for _ in range(6)]
+    assert pauses[:4] == pytest.approx([1e-4, 2e-4, 4e-4, 8e-4])
+    assert pauses[4:] == pytest.approx([1e-3, 1e-3])
+
+
+def test_a_push_resets_the_back_off():
+    w = Wakeup(1, fine_s=1e-4, max_sleep_s=1e-3)
+    for _ in range(5):
+        w.delay(0.0)
+    w.pushed(0, 0.0)  # first push: no period yet, so still no forecast
+    assert w.delay(0.0) == pytest.approx(1e-4)
+
+
+def test_steady_worker_sleeps_until_just_before_its_next_push():
+    w = Wakeup(1, fine_s=5e-5, max_sleep_s=1.0)
+    last = steady(w, 0, 0.020, 10)
+    assert w.period[0] == pytest.approx(0.020)
+    assert w.jitter[0] == pytest.approx(0.0, abs=1e-12)
+    # right after its push: sleep ~ the whole period less the fine margin
+    assert w.delay(last) == pytest.approx(0.020 - 5e-5)
+    # close to the forecast: look every fine_s
+    assert w.delay(last + 0.0199) == pytest.approx(5e-5)
+
+
+def test_sleep_is_capped_so_an_early_push_waits_at_most_max_sleep():
+    w = Wakeup(1, fine_s=5e-5, max_sleep_s=2e-3)
+    last = steady(w, 0, 0.050, 5)
+    assert w.delay(last) == pytest.approx(2e-3)
+
+
+def test_jitter_widens_the_margin():
+    w = Wakeup(1, fine_s=5e-5, max_sleep_s=1.0, jitter_factor=3.0)
+    t = 0.0
+    for i in range(40):  # intervals alternate 18 and 22 ms: mean 20, error ~2 ms
+        w.pushed(0, t)
+        t += 0.018 if i % 2 else 0.022
+    assert w.period[0] == pytest.approx(0.020, abs=1e-3)
+    assert 1e-3 < w.jitter[0] < 3e-3
+    last = w.last[0]
+    lead = w.delay(last)
+    assert lead == pytest.approx(w.period[0] - w.margin(0))
+    assert lead < 0.020 - 3e-3  # woke several ms early, not at the mean
+
+
+def test_the_soonest_of_several_workers_wins():
+    w = Wakeup(2, fine_s=5e-5, max_sleep_s=1.0)
+    steady(w, 0, 0.020, 5, t0=0.0)  # last push 0.080, next 0.100
+    steady(w, 1, 0.020, 5, t0=0.010)  # last push 0.090, next 0.110
+    assert w.delay(0.090) == pytest.approx(0.100 - 5e-5 - 0.090)
+
+
+def test_a_late_worker_drops_off_the_forecast_and_the_loop_backs_off():
+    w = Wakeup(2, fine_s=5e-5, max_sleep_s=1e-3)
+    steady(w, 0, 0.020, 5)  # next due 0.100
+    steady(w, 1, 0.020, 5, t0=0.005)  # next due 0.105
+    # both overdue beyond their margins: back-off, not a fine-poll spin
+    pauses = [w.delay(0.2) for _ in range(3)]
+    assert pauses == pytest.approx([5e-5, 1e-4, 2e-4])
+
+
+def test_forget_stops_forecasting_a_dead_worker():
+    w = Wakeup(2, fine_s=5e-5, max_sleep_s=1.0)
+    steady(w, 0, 0.020, 5)
+    steady(w, 1, 0.050, 5)
+    w.forget(0)
+    last1 = w.last[1]
+    assert w.delay(last1) == pytest.approx(0.050 - 5e-5)
