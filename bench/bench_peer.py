@@ -255,11 +255,13 @@ def _job_config(config: str, target: float, validation: int | None, tmp: Path) -
     return path
 
 
-def run_dbnps(config: str, target: float, workers: int, validation: int | None) -> dict:
+def run_dbnps(
+    config: str, target: float, workers: int, validation: int | None, psctl: Path = PSCTL
+) -> dict:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         job = _job_config(config, target, validation, tmp)
-        cmd = [str(PSCTL), "run", "--config", str(job), "--workers", str(workers),
+        cmd = [str(psctl), "run", "--config", str(job), "--workers", str(workers),
                "--run-dir", str(tmp / "run"), "--no-progress"]  # fmt: skip
         env = dict(os.environ)
         load0 = os.getloadavg()
@@ -292,6 +294,9 @@ def run_dbnps(config: str, target: float, workers: int, validation: int | None) 
         "server_cpu_share_of_one_core": (cpu["user_s"] + cpu["system_s"]) / cpu["life_s"]
         if cpu
         else None,
+        # rank 0's own split (thread CPU times, server life): serve, wait, eval, process
+        "server_cpu_seconds": s.get("cpu_seconds"),
+        "server_life_s": s.get("wall_s"),
         **watch,
         "profile": profile,
         "loadavg_before": load0,
@@ -329,8 +334,15 @@ def _fmt_run(kind: str, r: dict) -> str:
         else f"NOT reached ({r['wall_s']:.1f} s, last {last:.4f})"
     )
     extra = ""
-    if kind == "dbnps" and r.get("server_cpu_share_of_one_core") is not None:
+    if kind != "peer" and r.get("server_cpu_share_of_one_core") is not None:
         extra = f", server {100 * r['server_cpu_share_of_one_core']:.0f}% of a core"
+        split, life = r.get("server_cpu_seconds"), r.get("server_life_s")
+        if split and life:
+            extra += (
+                " ("
+                + ", ".join(f"{k} {100 * split[k] / life:.1f}%" for k in ("serve", "eval", "wait"))
+                + ")"
+            )
     return (f"{what}, peak RSS {r['peak_rss_mib_largest']:.0f} MiB{extra}, "
             f"load {r['loadavg_before'][0]:.2f}->{r['loadavg_after'][0]:.2f}")  # fmt: skip
 
@@ -345,6 +357,8 @@ def main() -> None:
     ap.add_argument("--validation", type=int, default=None,
                     help="override [data] validation (the stop then uses it)")  # fmt: skip
     ap.add_argument("--only", choices=["dbnps", "peer"], default=None)
+    ap.add_argument("--baseline-psctl", type=Path, default=None,
+                    help="also run this psctl (another checkout's venv) before dbnps each round")  # fmt: skip
     ap.add_argument("--name", default="peer", help="bench/results/<name>.json and .md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -354,14 +368,15 @@ def main() -> None:
         print("RESULT " + json.dumps(peer_train(load(a.config), a.target, a.threads)), flush=True)
         return
     kinds = [a.only] if a.only else ["dbnps", "peer"]
-    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    arms = (["base"] if a.baseline_psctl else []) + kinds
+    runs: dict[str, list[dict]] = {k: [] for k in arms}
     for r in range(a.rounds):
-        for kind in kinds:
-            res = (
-                run_dbnps(a.config, a.target, a.workers, a.validation)
-                if kind == "dbnps"
-                else run_peer(a.config, a.target, a.threads, a.validation)
-            )
+        for kind in arms:
+            if kind == "peer":
+                res = run_peer(a.config, a.target, a.threads, a.validation)
+            else:
+                psctl = a.baseline_psctl if kind == "base" else PSCTL
+                res = run_dbnps(a.config, a.target, a.workers, a.validation, psctl)
             runs[kind].append(res)
             print(f"round {r + 1} {kind}: {_fmt_run(kind, res)}", flush=True)
     res = {
@@ -372,6 +387,7 @@ def main() -> None:
         "peer_threads": a.threads,
         "command": " ".join(["python", "bench/bench_peer.py", *sys.argv[1:]]),
         "cpus": os.cpu_count(),
+        "baseline_psctl": str(a.baseline_psctl) if a.baseline_psctl else None,
         **runs,
     }
     times = {k: [x["wall_s"] if x["reached"] else float("nan") for x in v] for k, v in runs.items()}
@@ -388,16 +404,17 @@ def main() -> None:
         f"whole process, `{res['config']}`, {a.workers} workers vs PyTorch with "
         f"{a.threads} threads, {os.cpu_count()} CPUs; `{res['command']}`.",
         "",
-        "| round | " + " | ".join(kinds) + (" | dbnps / PyTorch |" if len(kinds) == 2 else ""),
-        "|---" * (len(kinds) + 1 + (len(kinds) == 2)) + "|",
+        "| round | " + " | ".join(arms) + (" | dbnps / PyTorch |" if len(kinds) == 2 else ""),
+        "|---" * (len(arms) + 1 + (len(kinds) == 2)) + "|",
     ]
     for i in range(a.rounds):
-        cells = [_fmt_run(k, runs[k][i]) for k in kinds]
+        cells = [_fmt_run(k, runs[k][i]) for k in arms]
         if len(kinds) == 2:
             cells.append(f"{res['ratio_per_pair'][i]:.2f}")
         md.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     if len(kinds) == 2:
-        md.append(f"| **median** | {statistics.median(times['dbnps']):.1f} s | "
+        base = f"{statistics.median(times['base']):.1f} s | " if "base" in times else ""
+        md.append(f"| **median** | {base}{statistics.median(times['dbnps']):.1f} s | "
                   f"{statistics.median(times['peer']):.1f} s | "
                   f"**{res['ratio_of_medians']:.2f}** |")  # fmt: skip
     (out / f"{a.name}.md").write_text("\n".join(md) + "\n")
