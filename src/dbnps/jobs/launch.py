@@ -9,8 +9,10 @@ use: they pull in numpy, which `psctl status` must not load.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +116,12 @@ def plan_job(
 
 def run_foreground(argv: list[str], *, progress: bool) -> int:
     """mpiexec `argv` with its output relayed (Open MPI banners dropped, progress bars
-    drawn when `progress`); its exit status."""
+    drawn when `progress`); its exit status.
+
+    SIGTERM and SIGHUP to psctl reach mpiexec, which stops every rank: a
+    batch system or a closed terminal that ends `psctl run` ends the job too
+    (without this, psctl died and the job trained on without it).
+    """
     from dbnps.common.launcher import mpi_env
     from dbnps.joboutput import relay
 
@@ -123,11 +130,26 @@ def run_foreground(argv: list[str], *, progress: bool) -> int:
     proc = subprocess.Popen(
         argv, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
     )
+    got: list[int] = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return relay(proc, progress=progress)
+        rc = relay(proc, progress=progress)  # until mpiexec closes its output
     except KeyboardInterrupt:  # mpiexec got the same SIGINT from the terminal
         proc.wait()
         raise UserError("interrupted; the job was stopped") from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        proc.wait()
+        raise UserError(f"{signal.Signals(got[0]).name}: the job was stopped")
+    return rc
 
 
 # -- psctl start ------------------------------------------------------------------------
