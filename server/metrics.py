@@ -113,6 +113,16 @@ class JobCollector(Collector):
             "Time server rank 0 spent applying updates.",
             value=st.apply_seconds,
         )
+        cpu = CounterMetricFamily(
+            "dbnps_server_cpu_seconds",
+            "CPU time of server rank 0 by role: serve (validate, sum, apply, ack), wait "
+            "(the loop between pushes), eval (the evaluation thread).",
+            labels=["role"],
+        )
+        for role, seconds in st.cpu_seconds().items():
+            if role != "process":  # process_cpu_seconds_total (the default collector) has it
+                cpu.add_metric([role], seconds)
+        yield cpu
         counts = st.staleness_counts.copy()
         cum, buckets = 0, []
         for bound, c in zip(STALENESS_BUCKETS, counts[:-1], strict=True):

@@ -52,6 +52,8 @@ def test_values_move_between_scrapes(job):
         == b[("dbnps_update_staleness_count", ())]
     )
     assert b[("dbnps_pushed_bytes_total", ())] > 0
+    serve, wait = (("dbnps_server_cpu_seconds_total", (("role", r),)) for r in ("serve", "wait"))
+    assert b[serve] > a[serve] > 0 and b[wait] >= 0
     for w, rank in (("0", "1"), ("1", "2")):
         lv = (("rank", rank), ("worker", w))
         assert b[("dbnps_worker_steps_total", lv)] > a[("dbnps_worker_steps_total", lv)]
