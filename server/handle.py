@@ -21,7 +21,11 @@ numpy arrays.
    advance VERSION by the pushes and SAMPLES by their samples, together
    inside `shard.write()` (the transport's seqlock bracket).  Under
    `staleness_lr = "compensate"` the rule gets the momentum and lr of
-   `compensate` at the running mean staleness instead of the schedule's.
+   `compensate` at the running mean staleness instead of the schedule's;
+   under `lookahead` the momentum rule keeps the parameters
+   `lookahead_steps(mu, running mean staleness)` velocities ahead
+   (`dbnps.common.updaters`), so a worker's gradient is taken about where
+   the parameters will be when it lands.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from dbnps.common.protocol import (
     VERSION,
     Push,
 )
+from dbnps.common.updaters import lookahead_steps
 
 
 @dataclass
@@ -104,7 +109,13 @@ class Aggregate:
     TAU_DECAY = 0.98  # the running mean staleness forgets over ~50 applied pushes
 
     def __init__(
-        self, rule, *, staleness_bound: int = 0, staleness_lr: str = "none", constrain=None
+        self,
+        rule,
+        *,
+        staleness_bound: int = 0,
+        staleness_lr: str = "none",
+        lookahead: bool = False,
+        constrain=None,
     ):
         """`constrain(shard)`: called after each apply, inside the write bracket (e.g.
         max-norm on the weights), so pulls only ever see constrained parameters."""
@@ -113,6 +124,8 @@ class Aggregate:
         self.staleness_bound = staleness_bound
         self.inverse = staleness_lr == "inverse"
         self.compensating = staleness_lr == "compensate"
+        self.looking_ahead = lookahead
+        self.last_lookahead = 0.0  # c of the last apply (velocities ahead)
         self.tau_mean: float | None = None  # running mean staleness of the applied pushes
         self._agg = np.empty(rule.size, dtype=np.float32)
 
@@ -145,10 +158,15 @@ class Aggregate:
         out.samples = sum(p.n_samples for p in accepted)
         out.staleness = [max(shard.version - p.pulled_version, 0) for p in accepted]
         lr, mom = shard.lr, shard.momentum
-        if self.compensating:
-            lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(out.staleness))
+        if self.compensating or self.looking_ahead:
+            tau = self._mean_staleness(out.staleness)
+            if self.compensating:
+                lr, mom = compensate(lr, mom, 1.0 + tau)
+            if self.looking_ahead:
+                self.last_lookahead = lookahead_steps(mom, tau)
         with shard.write():  # pulls see the parameters and their version change together
-            self.rule.apply(shard.params[a:b], agg, lr, mom, a)
+            ahead = {"lookahead": self.last_lookahead} if self.last_lookahead else {}
+            self.rule.apply(shard.params[a:b], agg, lr, mom, a, **ahead)
             if self.constrain is not None:
                 self.constrain(shard)
             shard.header[VERSION] += out.applied

@@ -94,6 +94,7 @@ class ParameterServer:
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
             staleness_lr=cfg.ps.staleness_lr,
+            lookahead=cfg.ps.lookahead,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # S > 1: each shard's rule state lives in a window rank 0 reads for checkpoints
