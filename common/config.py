@@ -65,6 +65,9 @@ class FinetuneConfig:
     # Max-norm: after each update every unit's incoming weight vector is scaled to
     # L2 norm <= max_norm (Srivastava et al. 2014, c = 3-4 with dropout). 0: off.
     max_norm: float = 0.0
+    # The last anneal_epochs of fine-tuning: the lr (after lr_decay) falls linearly
+    # to 0 at the end of the phase. 0: off.
+    anneal_epochs: float = 0.0
 
 
 @dataclass
@@ -96,6 +99,15 @@ class PSConfig:
     # Divergence: this many pushes in a row rejected as non-finite (no update applied
     # between them) end the job with exit status 5 instead of spinning for ever.
     max_nonfinite_in_a_row: int = 100
+    # Parameter averaging of fine-tuning on the server (dbnps.common.averaging):
+    # evaluations, keep_best and the saved model use the average, the workers go on
+    # training the live parameters. "ema" (decay per update), "polyak" (the plain
+    # mean) or "none"; a sample every average_every updates from fine-tune epoch
+    # average_start_epoch. Apply mode, one server rank.
+    average: str = "none"
+    average_decay: float = 0.999
+    average_every: int = 10
+    average_start_epoch: float = 0.0
 
     def every(self, *, pretraining: bool) -> tuple[int, int]:
         """(n_fetch, n_push) of a pretraining or a fine-tuning phase."""
@@ -229,6 +241,10 @@ def validate(cfg: Config) -> None:
     )
     _check(f.warmup_epochs >= 0, f"[finetune] warmup_epochs must be >= 0, got {f.warmup_epochs}")
     _check(f.max_norm >= 0, f"[finetune] max_norm must be >= 0 (0: off), got {f.max_norm}")
+    _check(
+        0 <= f.anneal_epochs <= f.epochs,
+        f"[finetune] anneal_epochs must be in [0, epochs], got {f.anneal_epochs}",
+    )
     p = cfg.ps
     _check(
         p.update_rule in UPDATE_RULES,
@@ -252,6 +268,20 @@ def validate(cfg: Config) -> None:
     _check(
         not p.lookahead or (p.update_rule == "momentum" and p.mode == "apply"),
         '[ps] lookahead needs update_rule = "momentum" and mode = "apply"',
+    )
+    _check(
+        p.average in ("none", "ema", "polyak"),
+        f"[ps] average must be one of none, ema, polyak, got {p.average!r}",
+    )
+    _check(
+        p.average == "none" or p.mode == "apply",
+        f'[ps] average = "{p.average}" needs mode = "apply" (the server keeps the average)',
+    )
+    _check(0 < p.average_decay < 1, f"[ps] average_decay must be in (0, 1), got {p.average_decay}")
+    _check(p.average_every >= 1, f"[ps] average_every must be >= 1, got {p.average_every}")
+    _check(
+        p.average_start_epoch >= 0,
+        f"[ps] average_start_epoch must be >= 0, got {p.average_start_epoch}",
     )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")

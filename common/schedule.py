@@ -3,7 +3,7 @@
 Shared by the single-process trainer and the parameter server so both follow
 the same recipe: momentum `momentum_start` until `momentum_switch_epoch`, then
 `momentum_final` (Hinton 2006/2010: 0.5 -> 0.9); fine-tuning lr decays by
-`lr_decay` per epoch.
+`lr_decay` per epoch and, over the last `anneal_epochs`, falls linearly to 0.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ def hyper(cfg: Config, phase: int, n_layers: int, epoch: float) -> tuple[float, 
     momentum = s.momentum_start if epoch < s.momentum_switch_epoch else s.momentum_final
     lr = s.lr
     if phase >= n_layers:
-        lr = s.lr * (cfg.finetune.lr_decay ** int(epoch))
+        f = cfg.finetune
+        lr = s.lr * (f.lr_decay ** int(epoch))
+        left = f.epochs - epoch
+        if f.anneal_epochs > 0 and left < f.anneal_epochs:
+            lr *= max(left, 0.0) / f.anneal_epochs
     return lr, momentum
 
 

@@ -167,6 +167,9 @@ class Setup:
         if cfg.finetune.max_norm > 0 and (topo.n_servers > 1 or cfg.ps.mode != "apply"):
             # the projection needs every weight column whole, on the rank that applies
             raise UserError('[finetune] max_norm needs one server rank and [ps] mode = "apply"')
+        if cfg.ps.average != "none" and topo.n_servers > 1:
+            # rank 0 evaluates and saves the average: it must hold the whole vector
+            raise UserError("[ps] average needs one server rank (--servers 1)")
         self.data = data = load_data(cfg, data_dir)
         check_shards(cfg, len(data.y_train), topo.n_workers)
         self.init = initial_params(cfg, layout, data.X_train)

@@ -111,6 +111,9 @@ class JobState:
     config: dict
     seed: int
     extra: dict = field(default_factory=dict)
+    # [ps] average: the parameter average (float32[n_params]); its counters go in
+    # extra["average"].  None: the job keeps no average.
+    average: np.ndarray | None = None
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Snapshot:
     params: np.ndarray
     rule_state: dict[str, np.ndarray]
     meta: dict
+    average: np.ndarray | None = None
 
 
 @dataclass
@@ -187,7 +191,7 @@ def snapshot(
         "config": js.config,
         **js.extra,
     }
-    return Snapshot(js.params, dict(js.rule_state), meta)
+    return Snapshot(js.params, dict(js.rule_state), meta, js.average)
 
 
 def _digest(arrays: dict[str, np.ndarray], meta_bytes: bytes) -> str:
@@ -224,6 +228,8 @@ class CheckpointStore:
         t0 = time.perf_counter()
         arrays = {"params": snap.params}
         arrays.update({f"rule.{k}": v for k, v in snap.rule_state.items()})
+        if snap.average is not None:
+            arrays["average"] = snap.average
         meta_bytes = json.dumps(snap.meta, sort_keys=True, default=float).encode()
         digest = _digest(arrays, meta_bytes)
         entries = {
@@ -350,19 +356,48 @@ def info_of(path: Path) -> CheckpointInfo:
 
 
 def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-    """(params, rule_state, meta) of a checkpoint, after verifying its digest and meaning."""
+    """(params, rule_state, meta) of a checkpoint, after verifying its digest and meaning.
+
+    A checkpoint of a job with `[ps] average` holds the average too: it comes back
+    as `meta["average_params"]` (float32[n_params], beside its counters in
+    `meta["average"]`), so the callers' shape stays (params, rule_state, meta).
+    """
     arrays, meta, digest, meta_bytes = _read(Path(path))
     if meta.get("format") not in (FORMAT, FORMAT_V1):
         raise DataError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
     if _digest(arrays, meta_bytes) != digest:
         raise DataError(f"{path}: checksum mismatch (the file is corrupt)")
     params = arrays.pop("params")
+    average = arrays.pop("average", None)
     rule = {k.removeprefix("rule."): v for k, v in arrays.items() if k.startswith("rule.")}
     unknown = sorted(k for k in arrays if not k.startswith("rule."))
     if unknown:
         raise DataError(f"{path}: unknown entries {unknown}")
     validate(path, params, rule, meta)
+    _validate_average(path, average, meta, params.size)
+    if average is not None:
+        meta["average_params"] = average
     return params, rule, meta
+
+
+def _validate_average(path, average: np.ndarray | None, meta: dict, n: int) -> None:
+    """The parameter average and its counters come together and make sense."""
+    counts = meta.get("average")
+    if average is None and counts is None:
+        return
+    if average is None or not isinstance(counts, dict):
+        raise DataError(f"{path}: a parameter average needs both its array and its counters")
+    if average.dtype != np.float32 or average.shape != (n,):
+        raise DataError(
+            f"{path}: the parameter average must be float32[{n}], "
+            f"got {average.dtype}{list(average.shape)}"
+        )
+    if not np.isfinite(np.dot(average, average)):
+        raise DataError(f"{path}: the parameter average holds NaN or Inf values")
+    if counts.get("kind") not in ("ema", "polyak") or not all(
+        type(counts.get(k)) is int and counts[k] >= 0 for k in ("count", "pending")
+    ):
+        raise DataError(f"{path}: metadata 'average' is not a valid average, got {_show(counts)}")
 
 
 def validate(path, params: np.ndarray, rule: dict[str, np.ndarray], meta: dict) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from dbnps.common import protocol as pr
 from dbnps.common import rma
+from dbnps.common.averaging import ParamAverage
 from dbnps.common.config import Config
 from dbnps.common.layout import Layout
 from dbnps.common.schedule import PhaseSchedule, hyper
@@ -97,6 +98,16 @@ class ParameterServer:
             lookahead=cfg.ps.lookahead,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
+        # [ps] average: a running average of the fine-tuning parameters (one server rank,
+        # apply mode: checked when the job is prepared)
+        self.average = None
+        if cfg.ps.average != "none":
+            self.average = ParamAverage(
+                self.hi - self.lo,
+                cfg.ps.average,
+                decay=cfg.ps.average_decay,
+                every=cfg.ps.average_every,
+            )
         # S > 1: each shard's rule state lives in a window rank 0 reads for checkpoints
         self.shard_states = None
         if topo.n_servers > 1:
@@ -107,6 +118,7 @@ class ParameterServer:
         self._eval: Future | None = None
         self._eval_of = None  # (history entry, version, snapshot) of the pending evaluation
         self._next_eval = cfg.run.eval_every_epochs
+        self._live_acc = float("nan")  # with [ps] average: the live parameters' last accuracy
         self._last_log = time.time()
         self._last_refresh = 0.0
         self.wakeup: Wakeup | None = None  # the loop's push forecast (run() makes it)
@@ -170,6 +182,12 @@ class ParameterServer:
             self.log(f"[server] update-rule state not restored ({why}): it restarts at zero")
         if same_phase:
             self._next_eval = float(meta.get("next_eval", self._next_eval))
+        saved_avg = meta.get("average_params")  # attached by checkpoint.load_checkpoint
+        if self.average is not None and same_phase and saved_avg is not None:
+            if meta["average"]["kind"] == self.average.kind:
+                self.average.load_state(saved_avg[self.lo : self.hi], meta["average"])
+            else:
+                self.log("[server] parameter average of another kind: it restarts")
         self.state.eval_accuracy = float(meta.get("eval_accuracy", float("nan")))
         self.state.test_accuracy = float(meta.get("test_accuracy", float("nan")))
         return params, phase, version, samples
@@ -185,6 +203,8 @@ class ParameterServer:
         self._shard_write_begin()
         self.rule.reset()
         self._shard_write_end(st.version)
+        if self.average is not None and phase == self.layout.finetune_phase:
+            self.average.reset()
         self._next_eval = self.cfg.run.eval_every_epochs
         self.log(f"[server] phase {self.layout.phase_name(phase)} starts at version {st.version}")
         self._print_progress()
@@ -256,6 +276,7 @@ class ParameterServer:
         if self.topo.rank != 0 and any(p.phase != st.phase for p in pushes):
             self._follow_rank0()
         t0 = time.perf_counter()
+        averaging = self._averaging()  # before the handle: its last push may end the phase
         out = self.handle(pushes, self._shard_now())
         if out.applied:
             st.apply_seconds += time.perf_counter() - t0
@@ -270,6 +291,45 @@ class ParameterServer:
                 # Before the acks: a synchronous worker's next pull must see the new phase.
                 self._end_phase()
         self._ack_all(pushes, out.results)
+        if averaging and out.applied:  # after the acks: the workers do not wait for it
+            self.average.observe(self.ps.params, out.applied)
+
+    def _averaging(self) -> bool:
+        """The next applied updates go into the parameter average ([ps] average_*)."""
+        st = self.state
+        return (
+            self.average is not None
+            and st.phase == self.layout.finetune_phase
+            and st.epoch >= self.cfg.ps.average_start_epoch
+        )
+
+    def _eval_params(self, live: np.ndarray) -> np.ndarray:
+        """What evaluations and the saved model use: the average once it holds a sample."""
+        if self.average is not None and self.average.ready:
+            return self.average.avg.copy()  # S = 1: the shard is the whole vector
+        return live
+
+    def _average_summary(self, live: np.ndarray | None) -> dict:
+        """The average's counters, and the last live parameters' accuracy beside it."""
+        _, counts = self.average.state()
+        live_acc = float(self.evaluate(live)) if live is not None else None
+        if live_acc is not None:
+            self.log(
+                f"[server] parameter average ({self.average.kind}, {counts['count']} samples); "
+                f"the last live parameters: {self.state.eval_split} accuracy {live_acc:.4f}"
+            )
+        return {
+            **counts,
+            "decay": self.average.decay,
+            "every": self.average.every,
+            "start_epoch": self.cfg.ps.average_start_epoch,
+            "live_eval_accuracy": live_acc,  # on the evaluation split
+        }
+
+    def _evaluate(self, params: np.ndarray, live: np.ndarray | None):
+        """(accuracy of `params`, accuracy of the live parameters when they differ)."""
+        acc = float(self._timed_evaluate(params))
+        return acc, (float(self._timed_evaluate(live)) if live is not None else None)
 
     def _ack_all(self, pushes: list[pr.Push], results: dict[int, int]) -> None:
         st = self.state
@@ -336,7 +396,10 @@ class ParameterServer:
             self._collect_eval(block=sync)  # an older result never lands after a newer one
             if self._eval is None:
                 self.ps.gather_params(self._flat)
-                self._eval = self._pool.submit(self._timed_evaluate, snap := self._flat.copy())
+                live = self._flat.copy()
+                snap = self._eval_params(live)
+                other = live if snap is not live else None
+                self._eval = self._pool.submit(self._evaluate, snap, other)
                 self._eval_of = (entry, st.version, snap)
                 self._collect_eval(block=sync)
         st.history.append(entry)
@@ -349,6 +412,8 @@ class ParameterServer:
             if finetune and st.eval_accuracy == st.eval_accuracy
             else ""
         )
+        if acc and self._live_acc == self._live_acc:
+            acc += f" (average; live {self._live_acc:.4f})"
         self.log(
             f"[server] {st.phase_name} epoch {st.epoch:6.2f}  version {st.version}  "
             f"applied {st.applied_total} rejected {st.rejected_total}  "
@@ -369,13 +434,16 @@ class ParameterServer:
         if self._eval is None or not (block or self._eval.done()):
             return
         st = self.state
-        acc = float(self._eval.result())
+        acc, live_acc = self._eval.result()
         entry, version, snap = self._eval_of
         self._eval = self._eval_of = None
         st.eval_accuracy = acc
         if st.eval_split == "test":
             st.test_accuracy = acc
         entry[f"{st.eval_split}_accuracy"] = acc
+        if live_acc is not None:  # acc is the average's
+            entry[f"live_{st.eval_split}_accuracy"] = live_acc
+            self._live_acc = live_acc
         self.selection.offer(acc, version, snap)
         self._print_progress()
 
@@ -588,6 +656,10 @@ class ParameterServer:
         own = self.rule.state()
         for k in names:
             rule_state[k][self.lo : self.hi] = own[k]
+        average, extra = None, {}
+        if self.average is not None:  # one server rank: its shard is the whole vector
+            avg, counts = self.average.state()
+            average, extra = avg.copy(), {"average": counts}
         return JobState(
             params=params,
             rule_name=self.rule.name,
@@ -610,6 +682,8 @@ class ParameterServer:
             eval_accuracy=float(st.eval_accuracy),
             config=self.cfg.to_dict(),
             seed=int(self.cfg.run.seed),
+            extra=extra,
+            average=average,
         )
 
     def finish(self, out: Path | None = None, summary: Path | None = None) -> dict | None:
@@ -631,8 +705,12 @@ class ParameterServer:
                 and not stopped_before
                 and not st.diverged  # its parameters are no model worth a number
             )
-            last_acc = float(self.evaluate(self._flat)) if trained else float("nan")
-            choice = self.selection.choose(self._flat, st.version, last_acc)
+            live = self._flat
+            if self.average is not None and trained:
+                self.average.flush(self.ps.params)  # the updates since its last sample
+            last = self._eval_params(live)
+            last_acc = float(self.evaluate(last)) if trained else float("nan")
+            choice = self.selection.choose(last, st.version, last_acc)
             st.eval_accuracy = choice.accuracy
             if trained:
                 same = st.eval_split == "test" and choice.accuracy == choice.accuracy
@@ -645,6 +723,8 @@ class ParameterServer:
                 "test_accuracy": st.test_accuracy,
             }
             result = st.summary()
+            if self.average is not None:
+                result["average"] = self._average_summary(live if trained else None)
             if out is not None and st.diverged:
                 self.log(f"no model written: {st.diverged}")
             elif out is not None:
