@@ -2,21 +2,24 @@
 
 The server has no doorbell: a push is an RMA Put plus a mailbox word, and
 nothing in MPI's passive-target RMA wakes the target when one lands.  The
-loop polls.  Polling often costs a core (each look is a self-RMA read of the
-mailbox words plus the loop's bookkeeping, ~20-40 us of Python); polling
-rarely makes every worker wait longer for its ack.  But workers are regular:
-worker w pushes about once per step, so the loop can forecast
+loop polls, and what polling costs is wake-ups: a look at the mailboxes is a
+few microseconds, but every sleep/wake-up costs ~12 us of CPU on these
+machines (30 us under load), so polling every 50 us would take a core.
+Workers are regular, though: worker w pushes about once per step, so the
+loop forecasts
 
     next_w = last_w + period_w        (period_w: running mean of w's intervals)
 
-and sleep until just before the earliest forecast, then look every `fine_s`
-until the push is in.  The margin before a forecast is `jitter_factor` times
-the running mean of |arrival - forecast| for that worker (plus `fine_s`), so
-a steady worker is caught within ~`fine_s` of its arrival and an erratic one
-is polled for longer.  A push that comes much earlier than forecast (a phase
-change, a slow step that ended) waits at most `max_sleep_s`; a worker that
-is later than its forecast by more than its margin is taken off the forecast
-until it pushes again, and the loop backs off exponentially to `max_sleep_s`.
+and sleeps until just before the earliest forecast, then looks every
+`spacing_w = clamp(period_w / 100, fine_s, max_fine_s)` until the push is in:
+the ack is late by spacing/2 on average, ~0.5% of the worker's step.  The
+margin before a forecast is `spacing + jitter_factor x` the running mean of
+|arrival - forecast|, at most a quarter of the period, so a steady worker
+costs a few looks per push and an erratic one at most ~25.  A push that
+comes much earlier than forecast (a phase change, a slow step that ended)
+waits at most `max_sleep_s`; a worker that is later than its forecast by
+more than its margin is taken off the forecast until it pushes again, and
+the loop backs off exponentially to `max_sleep_s`.
 
 Pure Python, no MPI: `tests/unit/test_wakeup.py` drives it with a fake clock.
 """
@@ -34,7 +37,10 @@ EMA = 0.2  # weight of the newest interval / error in the running means
 @dataclass
 class Wakeup:
     n_workers: int
-    fine_s: float = 5e-5  # poll period while a push is due
+    fine_s: float = 5e-5  # shortest poll period while a push is due
+    max_fine_s: float = 2.5e-4  # longest poll period while a push is due
+    spacing_fraction: float = 0.01  # poll period while due, as a fraction of the period
+    max_margin_fraction: float = 0.25  # the due window is at most this part of the period
     max_sleep_s: float = 2e-3  # longest sleep: the worst extra wait of an unforecast push
     jitter_factor: float = 3.0
     last: list[float | None] = field(init=False)
@@ -68,8 +74,14 @@ class Wakeup:
         self.last[worker] = self.period[worker] = None
         self.jitter[worker] = 0.0
 
+    def spacing(self, worker: int) -> float:
+        """Poll period while `worker`'s push is due (its period must be known)."""
+        return min(max(self.spacing_fraction * self.period[worker], self.fine_s), self.max_fine_s)
+
     def margin(self, worker: int) -> float:
-        return self.fine_s + self.jitter_factor * self.jitter[worker]
+        """How long before `worker`'s forecast the loop starts looking."""
+        m = self.spacing(worker) + self.jitter_factor * self.jitter[worker]
+        return min(m, self.max_margin_fraction * self.period[worker])
 
     def delay(self, now: float) -> float:
         """Seconds to sleep before the next look at the mailboxes (nothing was pending at `now`)."""
@@ -82,7 +94,8 @@ class Wakeup:
             if now > due + m:  # late beyond its margin: off the forecast until it pushes
                 continue
             lead = due - m - now
-            soonest = lead if soonest is None else min(soonest, lead)
+            pause = lead if lead > 0 else self.spacing(w)  # before its window, or inside it
+            soonest = pause if soonest is None else min(soonest, pause)
         if soonest is None:  # nothing forecast: back off
             pause = self._backoff
             self._backoff = min(2 * self._backoff, self.max_sleep_s)

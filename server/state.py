@@ -49,6 +49,7 @@ class ServerState:
     # CPU seconds (thread CPU time) of the main loop ("loop"), of which serving
     # pushes ("serve"), and of the evaluation thread ("eval"): what is left of
     # the loop is waiting (mailbox looks, bookkeeping, sleeps)
+    looks: int = 0  # times the loop looked at the mailboxes (idle or not)
     cpu: dict[str, float] = field(default_factory=lambda: {"loop": 0.0, "serve": 0.0, "eval": 0.0})
     first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
     last_apply: float = 0.0
@@ -142,6 +143,7 @@ class ServerState:
             "apply_seconds": round(self.apply_seconds, 6),
             "busy_seconds": round(self.busy_seconds, 6),
             "cpu_seconds": self.cpu_seconds(),
+            "mailbox_looks": self.looks,
             "ingest_updates_per_s": self.ingest_rate,
             "capacity_updates_per_s": self.applied_total / self.busy_seconds
             if self.busy_seconds

@@ -31,14 +31,23 @@ def test_a_push_resets_the_back_off():
 
 
 def test_steady_worker_sleeps_until_just_before_its_next_push():
-    w = Wakeup(1, fine_s=5e-5, max_sleep_s=1.0)
+    w = Wakeup(1, fine_s=5e-5, max_fine_s=2.5e-4, max_sleep_s=1.0)
     last = steady(w, 0, 0.020, 10)
     assert w.period[0] == pytest.approx(0.020)
     assert w.jitter[0] == pytest.approx(0.0, abs=1e-12)
-    # right after its push: sleep ~ the whole period less the fine margin
-    assert w.delay(last) == pytest.approx(0.020 - 5e-5)
-    # close to the forecast: look every fine_s
-    assert w.delay(last + 0.0199) == pytest.approx(5e-5)
+    # polls every period/100 while due, so its window opens one spacing before the forecast
+    assert w.spacing(0) == pytest.approx(2e-4)
+    assert w.delay(last) == pytest.approx(0.020 - 2e-4)
+    # inside the window: look every spacing
+    assert w.delay(last + 0.0199) == pytest.approx(2e-4)
+
+
+def test_spacing_follows_the_period_between_its_bounds():
+    w = Wakeup(3, fine_s=5e-5, max_fine_s=2.5e-4, max_sleep_s=1.0)
+    steady(w, 0, 0.002, 4)  # a 2 ms step: 20 us would be period/100, fine_s is the floor
+    steady(w, 1, 0.010, 4)
+    steady(w, 2, 0.100, 4)  # 1 ms would be period/100, max_fine_s is the ceiling
+    assert [w.spacing(i) for i in range(3)] == pytest.approx([5e-5, 1e-4, 2.5e-4])
 
 
 def test_sleep_is_capped_so_an_early_push_waits_at_most_max_sleep():
@@ -47,7 +56,7 @@ def test_sleep_is_capped_so_an_early_push_waits_at_most_max_sleep():
     assert w.delay(last) == pytest.approx(2e-3)
 
 
-def test_jitter_widens_the_margin():
+def test_jitter_widens_the_margin_up_to_a_quarter_period():
     w = Wakeup(1, fine_s=5e-5, max_sleep_s=1.0, jitter_factor=3.0)
     t = 0.0
     for i in range(40):  # intervals alternate 18 and 22 ms: mean 20, error ~2 ms
@@ -59,13 +68,17 @@ def test_jitter_widens_the_margin():
     lead = w.delay(last)
     assert lead == pytest.approx(w.period[0] - w.margin(0))
     assert lead < 0.020 - 3e-3  # woke several ms early, not at the mean
+    for i in range(40):  # intervals 10 and 30 ms: error ~10 ms, margin capped at period / 4
+        w.pushed(0, t)
+        t += 0.010 if i % 2 else 0.030
+    assert w.margin(0) == pytest.approx(w.period[0] / 4)
 
 
 def test_the_soonest_of_several_workers_wins():
     w = Wakeup(2, fine_s=5e-5, max_sleep_s=1.0)
     steady(w, 0, 0.020, 5, t0=0.0)  # last push 0.080, next 0.100
     steady(w, 1, 0.020, 5, t0=0.010)  # last push 0.090, next 0.110
-    assert w.delay(0.090) == pytest.approx(0.100 - 5e-5 - 0.090)
+    assert w.delay(0.090) == pytest.approx(0.100 - w.spacing(0) - 0.090)
 
 
 def test_a_late_worker_drops_off_the_forecast_and_the_loop_backs_off():
@@ -83,4 +96,4 @@ def test_forget_stops_forecasting_a_dead_worker():
     steady(w, 1, 0.050, 5)
     w.forget(0)
     last1 = w.last[1]
-    assert w.delay(last1) == pytest.approx(0.050 - 5e-5)
+    assert w.delay(last1) == pytest.approx(0.050 - w.spacing(1))
