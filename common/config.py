@@ -88,9 +88,6 @@ class PSConfig:
     # implicit momentum at the running mean staleness (server/handle.compensate);
     # "none": every push weighs 1 and the schedule's lr and momentum apply as they are.
     staleness_lr: str = "none"
-    # Momentum only: keep the served parameters as far ahead as the running mean
-    # staleness will move them (common/updaters.lookahead_steps; DANA, Hakimi et al. 2019)
-    lookahead: bool = False
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
@@ -264,10 +261,6 @@ def validate(cfg: Config) -> None:
         p.staleness_lr == "none" or p.mode == "apply",
         f'[ps] staleness_lr = "{p.staleness_lr}" needs mode = "apply" (the server applies '
         "the pushes)",
-    )
-    _check(
-        not p.lookahead or (p.update_rule == "momentum" and p.mode == "apply"),
-        '[ps] lookahead needs update_rule = "momentum" and mode = "apply"',
     )
     _check(
         p.average in ("none", "ema", "polyak"),

@@ -10,13 +10,6 @@ updated in place with no allocation on the hot path.
     Momentum  v <- mu * v - lr * g ;  p <- p + v          (Hinton's RBM/DBN recipe)
     Adagrad   s <- s + g^2 ;         p <- p - lr * g / (sqrt(s) + eps)   (Downpour)
 
-Momentum with a look-ahead c >= 0 (`[ps] lookahead`, the server's answer to
-staleness): the vector kept, and pulled by the workers, is q = p + c v, the
-point the parameters will have moved to after the updates that land while
-a worker computes on it (DANA, Hakimi et al. 2019); c = 0 is plain momentum.
-
-    v' = mu v - lr g ;  q' = q + (mu (1 + c) - c) v - (1 + c) lr g   (= p' + c v')
-
 `g` is overwritten (it is scratch once applied).  `delta` computes the
 increment without touching `p` (p_new = p + delta): the server's `apply` is
 `p += delta(g)`, and in `[ps] mode = "accumulate"` a worker sends `delta(g)`
@@ -46,12 +39,8 @@ class UpdateRule:
         """
         raise NotImplementedError
 
-    def apply(
-        self, p: np.ndarray, g: np.ndarray, lr: float, momentum: float, lo: int = 0, lookahead=0.0
-    ) -> None:
-        """Update `p` in place from gradient `g`; `lo` is p's offset in the rule's state.
-
-        `lookahead` (momentum only; config validation refuses it elsewhere) is c above."""
+    def apply(self, p: np.ndarray, g: np.ndarray, lr: float, momentum: float, lo: int = 0) -> None:
+        """Update `p` in place from gradient `g`; `lo` is p's offset in the rule's state."""
         p += self.delta(g, lr, momentum, lo)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -76,7 +65,6 @@ class Momentum(UpdateRule):
     def __init__(self, size: int):
         super().__init__(size)
         self.v = np.zeros(size, dtype=np.float32)
-        self._tmp: np.ndarray | None = None  # look-ahead scratch, made on first use
 
     def reset(self):
         self.v[...] = 0
@@ -88,38 +76,8 @@ class Momentum(UpdateRule):
         v -= g
         return v
 
-    def apply(self, p, g, lr, momentum, lo=0, lookahead=0.0):
-        if not lookahead:
-            return super().apply(p, g, lr, momentum, lo)
-        c = float(lookahead)
-        v = self.v[lo : lo + g.size]
-        if self._tmp is None:
-            self._tmp = np.empty(self.size, dtype=np.float32)
-        t = self._tmp[: g.size]
-        g *= np.float32(lr)
-        np.multiply(v, np.float32(momentum * (1 + c) - c), out=t)
-        p += t
-        v *= np.float32(momentum)
-        v -= g
-        g *= np.float32(1 + c)
-        p -= g
-        return None
-
     def state(self):
         return {"v": self.v}
-
-
-def lookahead_steps(momentum: float, tau: float) -> float:
-    """How far ahead, in velocities, the parameters are after tau more momentum updates.
-
-    With the velocity decaying by mu per update and no new gradient, tau updates
-    move p by v (mu + mu^2 + ... + mu^tau) = v mu (1 - mu^tau) / (1 - mu); tau is
-    the running mean staleness, so a fractional tau is taken as it is.
-    """
-    tau = max(float(tau), 0.0)
-    if momentum >= 1.0 - 1e-9:
-        return tau
-    return momentum * (1.0 - momentum**tau) / (1.0 - momentum)
 
 
 class Adagrad(UpdateRule):

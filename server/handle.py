@@ -21,11 +21,7 @@ numpy arrays.
    advance VERSION by the pushes and SAMPLES by their samples, together
    inside `shard.write()` (the transport's seqlock bracket).  Under
    `staleness_lr = "compensate"` the rule gets the momentum and lr of
-   `compensate` at the running mean staleness instead of the schedule's;
-   under `lookahead` the momentum rule keeps the parameters
-   `lookahead_steps(mu, running mean staleness)` velocities ahead
-   (`dbnps.common.updaters`), so a worker's gradient is taken about where
-   the parameters will be when it lands.
+   `compensate` at the running mean staleness instead of the schedule's.
 """
 
 from __future__ import annotations
@@ -47,7 +43,6 @@ from dbnps.common.protocol import (
     VERSION,
     Push,
 )
-from dbnps.common.updaters import lookahead_steps
 
 
 @dataclass
@@ -109,13 +104,7 @@ class Aggregate:
     TAU_DECAY = 0.98  # the running mean staleness forgets over ~50 applied pushes
 
     def __init__(
-        self,
-        rule,
-        *,
-        staleness_bound: int = 0,
-        staleness_lr: str = "none",
-        lookahead: bool = False,
-        constrain=None,
+        self, rule, *, staleness_bound: int = 0, staleness_lr: str = "none", constrain=None
     ):
         """`constrain(shard)`: called after each apply, inside the write bracket (e.g.
         max-norm on the weights), so pulls only ever see constrained parameters."""
@@ -124,8 +113,6 @@ class Aggregate:
         self.staleness_bound = staleness_bound
         self.inverse = staleness_lr == "inverse"
         self.compensating = staleness_lr == "compensate"
-        self.looking_ahead = lookahead
-        self.last_lookahead = 0.0  # c of the last apply (velocities ahead)
         self.tau_mean: float | None = None  # running mean staleness of the applied pushes
         self._agg = np.empty(rule.size, dtype=np.float32)
 
@@ -158,15 +145,10 @@ class Aggregate:
         out.samples = sum(p.n_samples for p in accepted)
         out.staleness = [max(shard.version - p.pulled_version, 0) for p in accepted]
         lr, mom = shard.lr, shard.momentum
-        if self.compensating or self.looking_ahead:
-            tau = self._mean_staleness(out.staleness)
-            if self.compensating:
-                lr, mom = compensate(lr, mom, 1.0 + tau)
-            if self.looking_ahead:
-                self.last_lookahead = lookahead_steps(mom, tau)
+        if self.compensating:
+            lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(out.staleness))
         with shard.write():  # pulls see the parameters and their version change together
-            ahead = {"lookahead": self.last_lookahead} if self.last_lookahead else {}
-            self.rule.apply(shard.params[a:b], agg, lr, mom, a, **ahead)
+            self.rule.apply(shard.params[a:b], agg, lr, mom, a)
             if self.constrain is not None:
                 self.constrain(shard)
             shard.header[VERSION] += out.applied

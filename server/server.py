@@ -99,7 +99,6 @@ class ParameterServer:
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
             staleness_lr=cfg.ps.staleness_lr,
-            lookahead=cfg.ps.lookahead,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # [ps] average: a running average of the fine-tuning parameters (one server rank,

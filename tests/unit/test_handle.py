@@ -187,32 +187,3 @@ def test_compensate_applies_the_momentum_of_the_running_mean_staleness():
     sh.momentum = 0.9
     agg0([push(0, np.ones(N), pulled=10)], sh)
     assert rule0.calls == [(0.5, 0.9)]
-
-
-class _AheadRecorder:
-    """An update rule that records the (momentum, look-ahead) it is applied with."""
-
-    size = N
-
-    def __init__(self):
-        self.calls = []
-
-    def apply(self, params, step, lr, momentum, lo, lookahead=0.0):
-        self.calls.append((momentum, lookahead))
-
-
-def test_lookahead_follows_the_running_mean_staleness():
-    """tau = 2 on every push: the parameters are kept mu + mu^2 velocities ahead."""
-    rule = _AheadRecorder()
-    agg = Aggregate(rule, lookahead=True)
-    for v in range(10, 400):
-        sh = shard(version=v)
-        sh.momentum = 0.9
-        agg([push(0, np.ones(N), pulled=v - 2)], sh)
-    assert rule.calls[-1] == (0.9, pytest.approx(0.9 + 0.81))
-    # synchronous pushes (tau 0): plain momentum, and a rule without the keyword still works
-    plain = _Recorder()
-    sh = shard()
-    sh.momentum = 0.9
-    Aggregate(plain, lookahead=True)([push(0, np.ones(N), pulled=10)], sh)
-    assert plain.calls == [(0.5, 0.9)]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from dbnps.common.updaters import lookahead_steps, make_rule
+from dbnps.common.updaters import make_rule
 
 
 def test_momentum_follows_v_mu_v_minus_lr_g():
@@ -58,36 +57,3 @@ def test_reset_forgets_the_state():
     rule.apply(np.zeros(2, np.float32), np.ones(2, np.float32), 1.0, 0.9)
     rule.reset()
     assert not rule.v.any()
-
-
-def test_lookahead_keeps_the_momentum_trajectory_c_velocities_ahead():
-    """With look-ahead c the rule keeps q = p + c v of plain momentum's p, update after update."""
-    rng = np.random.default_rng(2)
-    plain, ahead = make_rule("momentum", 4), make_rule("momentum", 4)
-    p, q = np.zeros(4, np.float32), np.zeros(4, np.float32)
-    c = 0.7
-    for _ in range(5):
-        g = rng.standard_normal(4).astype(np.float32)
-        plain.apply(p, g.copy(), 0.1, 0.9)
-        ahead.apply(q, g.copy(), 0.1, 0.9, lookahead=c)
-        np.testing.assert_allclose(ahead.v, plain.v, rtol=1e-6)
-        np.testing.assert_allclose(q, p + c * plain.v, rtol=1e-5, atol=1e-7)
-
-
-def test_lookahead_zero_is_plain_momentum():
-    a, b = make_rule("momentum", 3), make_rule("momentum", 3)
-    pa, pb = np.zeros(3, np.float32), np.zeros(3, np.float32)
-    g = np.array([1, -2, 3], np.float32)
-    for _ in range(3):
-        a.apply(pa, g.copy(), 0.1, 0.9)
-        b.apply(pb, g.copy(), 0.1, 0.9, lookahead=0.0)
-    np.testing.assert_array_equal(pa, pb)
-
-
-def test_lookahead_steps_sums_the_decaying_velocity():
-    assert lookahead_steps(0.9, 0.0) == 0.0
-    assert lookahead_steps(0.9, 1.0) == pytest.approx(0.9)
-    assert lookahead_steps(0.9, 2.0) == pytest.approx(0.9 + 0.81)
-    assert lookahead_steps(0.0, 5.0) == 0.0  # no momentum: the parameters do not drift
-    assert lookahead_steps(1.0, 3.0) == pytest.approx(3.0)
-    assert lookahead_steps(0.9, 1000.0) == pytest.approx(9.0)  # at most mu / (1 - mu)
