@@ -59,7 +59,8 @@ from dbnps.runfiles import EXIT_DIVERGED
 @click.option("--progress", is_flag=True, hidden=True)  # set by `psctl run` on a terminal
 @exit_on_user_error
 def main(config_path, data_dir, out, summary, resume, restarts, progress, **control_opts) -> None:
-    from dbnps.server import checkpoint as ckpt
+    from dbnps.server.checkpoint.periodic import Periodic
+    from dbnps.server.checkpoint.store import CheckpointStore
     from dbnps.server.server import ParameterServer
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: stacks to stderr
@@ -100,8 +101,8 @@ def main(config_path, data_dir, out, summary, resume, restarts, progress, **cont
                 store = control.store
             else:
                 folder = (out.parent if out is not None else Path.cwd()) / "checkpoints"
-                store = ckpt.CheckpointStore(folder, keep=control_opts["keep_checkpoints"])
-            periodic = ckpt.Periodic(
+                store = CheckpointStore(folder, keep=control_opts["keep_checkpoints"])
+            periodic = Periodic(
                 store,
                 every_s=cfg.run.checkpoint_every_s,
                 every_updates=cfg.run.checkpoint_every_updates,
@@ -136,12 +137,12 @@ class Setup:
     split = "test"
 
     def prepare(self, cfg, topo, data_dir, out, resume, restarts, control_opts) -> None:
-        from dbnps.server import checkpoint as ckpt
+        from dbnps.server.checkpoint.store import find_resumable
 
         path = None
         if resume is not None:  # every server rank reads the file; rank 0 reports
             warn = (lambda m: print(m, file=sys.stderr, flush=True)) if topo.rank == 0 else None
-            path, self.resumed = ckpt.find_resumable(resume, warn=warn or (lambda m: None))
+            path, self.resumed = find_resumable(resume, warn=warn or (lambda m: None))
             if self.resumed[0].shape != (layout_of(cfg).size,):
                 raise UserError(
                     f"cannot resume from {path}: it holds {self.resumed[0].size} parameters, "
@@ -155,7 +156,7 @@ class Setup:
                     flush=True,
                 )
         if topo.rank == 0 and (control_opts["run_dir"] or control_opts["grpc_port"] is not None):
-            from dbnps.server.control import make_control_plane
+            from dbnps.server.control.plane import make_control_plane
 
             self.control = make_control_plane(cfg, out=out, **control_opts)
             self.control.restarts = restarts

@@ -125,7 +125,7 @@ class ParameterServer:
         self._last_log = time.time()
         self._last_refresh = 0.0
         self.wakeup: Wakeup | None = None  # the loop's push forecast (run() makes it)
-        self.checkpointer = None  # rank 0: a checkpoint.Periodic, set by dbnps.server.__main__
+        self.checkpointer = None  # rank 0: a checkpoint.periodic.Periodic, set by __main__
         self.progress_every_s = 0.0  # rank 0, > 0: print `[progress] {json}` lines for psctl
         self._last_progress = 0.0
         first, version, samples = self.schedule.first_from(0), 0, 0
@@ -146,7 +146,7 @@ class ParameterServer:
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
         """Continue from a checkpoint: (params, phase, version, samples in phase).
 
-        The checkpoint was validated when loaded (dbnps.server.checkpoint).  Its
+        The checkpoint was validated when loaded (dbnps.server.checkpoint.format).  Its
         update-rule state covers the flat vector (format 2): this rank takes its
         shard, whatever the number of server ranks was.  Format 1 held rank 0's
         shard only (`rule_shard`); it is loaded where it fits.
@@ -185,7 +185,7 @@ class ParameterServer:
             self.log(f"[server] update-rule state not restored ({why}): it restarts at zero")
         if same_phase:
             self._next_eval = float(meta.get("next_eval", self._next_eval))
-        saved_avg = meta.get("average_params")  # attached by checkpoint.load_checkpoint
+        saved_avg = meta.get("average_params")  # attached by checkpoint.format.load_checkpoint
         if self.average is not None and same_phase and saved_avg is not None:
             if meta["average"]["kind"] == self.average.kind:
                 self.average.load_state(saved_avg[self.lo : self.hi], meta["average"])
@@ -632,19 +632,20 @@ class ParameterServer:
         self._shard_write_begin()
         self._shard_write_end(self.state.version)
         if resume is not None:
-            from dbnps.server.checkpoint import after_resume_hook
+            from dbnps.server.checkpoint.snapshot import after_resume_hook
 
             barrier = self.shard_states.barrier if self.shard_states is not None else None
             after_resume_hook(self.topo.rank, self.checkpoint_state, barrier)
 
     def checkpoint_state(self):
-        """Rank 0, main thread: what a checkpoint holds, every shard's (a checkpoint.JobState).
+        """Rank 0, main thread: what a checkpoint holds, every shard's (a snapshot.JobState).
 
         Parameters through the protocol's reads; with S > 1 the followers' rule
         state and versions through `ShardStates.gather`, frozen together with
         the parameters so each shard's three agree.
         """
-        from dbnps.server.checkpoint import RULE_STATE_SERVER, RULE_STATE_WORKERS, JobState
+        from dbnps.server.checkpoint.format import RULE_STATE_SERVER, RULE_STATE_WORKERS
+        from dbnps.server.checkpoint.snapshot import JobState
 
         st, size = self.state, self.layout.size
         params = np.empty(size, dtype=np.float32)

@@ -19,7 +19,8 @@ from dbnps.common.config import load
 from dbnps.common.dbn import accuracy
 from dbnps.common.job import load_data
 from dbnps.common.model import load_model
-from dbnps.server.checkpoint import AFTER_RESUME_ENV, load_checkpoint
+from dbnps.server.checkpoint.format import load_checkpoint
+from dbnps.server.checkpoint.snapshot import AFTER_RESUME_ENV
 
 CFG = {
     "model": {"sizes": [784, 64]},

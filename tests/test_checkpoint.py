@@ -20,16 +20,9 @@ from jobctl import job_env, psctl
 
 from dbnps.common.config import load, to_toml
 from dbnps.common.errors import DataError
-from dbnps.server.checkpoint import (
-    CRASH_ENV,
-    RULE_STATE_SERVER,
-    CheckpointStore,
-    JobState,
-    Snapshot,
-    find_resumable,
-    load_checkpoint,
-    snapshot,
-)
+from dbnps.server.checkpoint.format import RULE_STATE_SERVER, Snapshot, load_checkpoint
+from dbnps.server.checkpoint.snapshot import JobState, snapshot
+from dbnps.server.checkpoint.store import CRASH_ENV, CheckpointStore, find_resumable
 
 TINY = {
     "model": {"sizes": [784, 64, 64]},
@@ -221,7 +214,7 @@ def _run(cfg: Path, run_dir: Path, *, env: dict, extra=()) -> subprocess.Complet
 # -- meaning, not only checksum: forged files with a recomputed digest ---------------
 def _forge(path: Path, change) -> Path:
     """Write a well-checksummed checkpoint whose contents `change(arrays, meta)` altered."""
-    from dbnps.server.checkpoint import _digest
+    from dbnps.server.checkpoint.format import _digest
 
     snap = _snap(40)
     arrays = {
@@ -381,7 +374,8 @@ def test_a_full_disk_fails_the_periodic_checkpoint_and_training_goes_on(tmp_path
 import resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_checkpoint import _job_state
-from dbnps.server.checkpoint import CheckpointStore, Periodic
+from dbnps.server.checkpoint.periodic import Periodic
+from dbnps.server.checkpoint.store import CheckpointStore
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 p = Periodic(CheckpointStore({str(store.dir)!r}), every_updates=1, log=print)
 p.take(_job_state(20))

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from conftest import write_config
 
-from dbnps.server.checkpoint import AFTER_RESUME_ENV, RULE_STATE_SERVER, load_checkpoint
+from dbnps.server.checkpoint.format import RULE_STATE_SERVER, load_checkpoint
+from dbnps.server.checkpoint.snapshot import AFTER_RESUME_ENV
 
 CFG = {
     "model": {"sizes": [784, 48, 32]},
@@ -114,7 +115,7 @@ def test_accumulate_mode_says_the_workers_rule_state_is_not_saved(tmp_path):
     """Accumulate mode: the rule runs in each worker (its own velocity over its own
     gradients, in worker memory no window exposes), so a checkpoint cannot hold it:
     the manifest says so, no arrays pretend otherwise, and a resume says it restarts."""
-    from dbnps.server.checkpoint import RULE_STATE_WORKERS
+    from dbnps.server.checkpoint.format import RULE_STATE_WORKERS
 
     sections = {
         **CFG,

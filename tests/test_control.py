@@ -32,7 +32,7 @@ from jobctl import (
 )
 
 from dbnps.common.errors import DataError
-from dbnps.server.checkpoint import load_checkpoint
+from dbnps.server.checkpoint.format import load_checkpoint
 from dbnps.v1 import control_pb2 as pb
 from dbnps.v1 import control_pb2_grpc as pbg
 
@@ -448,7 +448,7 @@ def _self_signed(cert: Path, key: Path) -> None:
 def test_tls_control_plane(tmp_path):
     """The control plane alone (no MPI): TLS with a self-signed certificate; not-ready answers."""
     from dbnps.common.config import Config
-    from dbnps.server.control import ControlPlane
+    from dbnps.server.control.plane import ControlPlane
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     _self_signed(cert, key)
@@ -486,7 +486,7 @@ def test_control_plane_says_where_it_listens(tmp_path):
     before the windows exist, status shows no made-up phase or worker count."""
     from dbnps.common.config import Config
     from dbnps.jobs.format import status_text as _fmt_status
-    from dbnps.server.control import ControlPlane
+    from dbnps.server.control.plane import ControlPlane
 
     lines: list[str] = []
     cp = ControlPlane(
@@ -513,7 +513,7 @@ def test_a_refused_stop_leaves_no_stop_marker(tmp_path):
     and not restart the job (the marker was written before the request was accepted)."""
     from dbnps.common.config import Config
     from dbnps.runfiles import STOP_MARKER
-    from dbnps.server.control import ControlPlane
+    from dbnps.server.control.plane import ControlPlane
 
     cp = ControlPlane(Config(), job_id="early", run_dir=tmp_path, token="t0k", log=lambda *a: None)
     cp.start()
@@ -536,7 +536,7 @@ def test_a_remote_wildcard_server_advertises_its_host_name(tmp_path):
     is this machine under its own name, so a client can follow the address."""
     from dbnps.common.config import Config
     from dbnps.runfiles import write_advertise
-    from dbnps.server.control import ControlPlane
+    from dbnps.server.control.plane import ControlPlane
 
     host = socket.gethostname()
     write_advertise(tmp_path, host)

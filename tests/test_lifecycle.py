@@ -16,7 +16,7 @@ from jobctl import job_env, psctl, session_alive, start_job, stop_quietly
 from test_checkpoint import _snap
 
 from dbnps.runfiles import STOPPED_BY_STOP
-from dbnps.server.checkpoint import CheckpointStore
+from dbnps.server.checkpoint.store import CheckpointStore
 
 
 def _run_dir(state: Path, job_id: str, **info) -> Path:

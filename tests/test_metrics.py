@@ -278,7 +278,7 @@ def test_half_open_connections_do_not_grow_threads(tmp_path):
     import threading
 
     from dbnps.common.config import Config
-    from dbnps.server.control import ControlPlane
+    from dbnps.server.control.plane import ControlPlane
     from dbnps.server.metrics import MAX_CONNECTIONS
 
     cp = ControlPlane(

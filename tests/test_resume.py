@@ -17,7 +17,7 @@ import grpc
 from conftest import kill_server_rank, run_job, write_config
 from jobctl import job_env, psctl, session_alive
 
-from dbnps.server.checkpoint import load_checkpoint
+from dbnps.server.checkpoint.format import load_checkpoint
 from dbnps.v1 import control_pb2 as pb
 from dbnps.v1 import control_pb2_grpc as pbg
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from test_checkpoint import _snap
 
 from dbnps.runfiles import EXIT_DIVERGED, STOP_MARKER, STOPPED_BY_STOP
-from dbnps.server.checkpoint import CheckpointStore
+from dbnps.server.checkpoint.store import CheckpointStore
 
 
 def _supervise(

@@ -133,7 +133,8 @@ def test_anneal_longer_than_fine_tuning_is_refused():
 
 
 def _state(average, counts):
-    from dbnps.server.checkpoint import RULE_STATE_SERVER, JobState
+    from dbnps.server.checkpoint.format import RULE_STATE_SERVER
+    from dbnps.server.checkpoint.snapshot import JobState
 
     cfg = from_dict({"model": {"sizes": [784, 16]}, "ps": {"average": "ema"}})
     n = 784 * 16 + 16 + 784 + 16 * 10 + 10
@@ -166,7 +167,9 @@ def _state(average, counts):
 
 
 def test_a_checkpoint_holds_the_average_and_its_counters(tmp_path):
-    from dbnps.server.checkpoint import CheckpointStore, load_checkpoint, snapshot
+    from dbnps.server.checkpoint.format import load_checkpoint
+    from dbnps.server.checkpoint.snapshot import snapshot
+    from dbnps.server.checkpoint.store import CheckpointStore
 
     avg = np.linspace(-1, 1, 13514, dtype=np.float32)
     counts = {"kind": "ema", "count": 3, "pending": 4}
@@ -199,7 +202,9 @@ def test_a_checkpoint_holds_the_average_and_its_counters(tmp_path):
     ],
 )
 def test_a_bad_average_in_a_checkpoint_is_refused(tmp_path, average, counts, match):
-    from dbnps.server.checkpoint import CheckpointStore, load_checkpoint, snapshot
+    from dbnps.server.checkpoint.format import load_checkpoint
+    from dbnps.server.checkpoint.snapshot import snapshot
+    from dbnps.server.checkpoint.store import CheckpointStore
 
     info = CheckpointStore(tmp_path).write(snapshot(_state(average, counts)))
     with pytest.raises(DataError, match=match):

@@ -237,7 +237,7 @@ class _TargetPublisher(threading.Thread):
 def _restart_point(run_dir: Path, original: str | None) -> tuple[str | None, int | None]:
     """(checkpoint to resume from, its version): the newest good one, else `original`."""
     from dbnps.common.errors import DataError
-    from dbnps.server.checkpoint import find_resumable
+    from dbnps.server.checkpoint.store import find_resumable
 
     try:
         path, (_, _, meta) = find_resumable(run_dir / "checkpoints", warn=_log, quarantine=True)

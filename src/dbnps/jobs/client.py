@@ -142,7 +142,7 @@ def list_checkpoints(
     if address is None:
         run = find_run(run_id)
         if not run.running():
-            from dbnps.server.checkpoint import CheckpointStore
+            from dbnps.server.checkpoint.store import CheckpointStore
 
             store = CheckpointStore(run.dir / "checkpoints")
             return [i.message() for i in store.list()], f"job {run.id}"

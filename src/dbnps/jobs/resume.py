@@ -1,6 +1,6 @@
 """`psctl start --resume`: which checkpoint a new job continues from, and with what.
 
-The checkpoint is read and verified here (dbnps.server.checkpoint, imported
+The checkpoint is read and verified here (dbnps.server.checkpoint.store, imported
 on use: it needs numpy); the rest is pure bookkeeping over run directories,
 tested in-process (tests/unit/test_jobs_resume.py).
 """
@@ -64,7 +64,7 @@ def resume_source(spec: str, warn: Warn) -> Resumed:
     newer corrupt one is reported with one `warn` line.
     """
     from dbnps.common.config import from_dict
-    from dbnps.server.checkpoint import find_resumable
+    from dbnps.server.checkpoint.store import find_resumable
 
     path, (params, _, meta) = find_resumable(resume_location(spec), warn=warn)
     try:
