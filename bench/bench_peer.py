@@ -244,14 +244,18 @@ def _watch(proc: subprocess.Popen, server_marker: str | None) -> dict:
 
 
 def _job_config(config: str, target: float, validation: int | None, tmp: Path) -> Path:
-    from dbnps.common.config import load, to_toml
+    """The config file with the stop (and split) set, holding only the keys it had:
+    a `--baseline-psctl` from an older checkout must parse it too."""
+    import tomllib
 
-    cfg = load(config)
-    cfg.run.target_accuracy = target
+    import tomli_w
+
+    raw = tomllib.loads(Path(config).read_text())
+    raw.setdefault("run", {})["target_accuracy"] = target
     if validation is not None:
-        cfg.data.validation = validation
+        raw.setdefault("data", {})["validation"] = validation
     path = tmp / "job.toml"
-    path.write_text(to_toml(cfg))
+    path.write_text(tomli_w.dumps(raw))
     return path
 
 
@@ -297,6 +301,8 @@ def run_dbnps(
         # rank 0's own split (thread CPU times, server life): serve, wait, eval, process
         "server_cpu_seconds": s.get("cpu_seconds"),
         "server_life_s": s.get("wall_s"),
+        "mailbox_looks": s.get("mailbox_looks"),
+        "push_forecast": s.get("push_forecast"),
         **watch,
         "profile": profile,
         "loadavg_before": load0,
@@ -340,7 +346,11 @@ def _fmt_run(kind: str, r: dict) -> str:
         if split and life:
             extra += (
                 " ("
-                + ", ".join(f"{k} {100 * split[k] / life:.1f}%" for k in ("serve", "eval", "wait"))
+                + ", ".join(
+                    f"{k} {100 * split[k] / life:.1f}%"
+                    for k in ("serve", "book", "eval", "wait")
+                    if k in split
+                )
                 + ")"
             )
     return (f"{what}, peak RSS {r['peak_rss_mib_largest']:.0f} MiB{extra}, "

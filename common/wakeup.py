@@ -11,15 +11,17 @@ loop forecasts
     next_w = last_w + period_w        (period_w: running mean of w's intervals)
 
 and sleeps until just before the earliest forecast, then looks every
-`spacing_w = clamp(period_w / 100, fine_s, max_fine_s)` until the push is in:
-the ack is late by spacing/2 on average, ~0.5% of the worker's step.  The
-margin before a forecast is `spacing + jitter_factor x` the running mean of
-|arrival - forecast|, at most a quarter of the period, so a steady worker
-costs a few looks per push and an erratic one at most ~25.  A push that
-comes much earlier than forecast (a phase change, a slow step that ended)
-waits at most `max_sleep_s`; a worker that is later than its forecast by
-more than its margin is taken off the forecast until it pushes again, and
-the loop backs off exponentially to `max_sleep_s`.
+`spacing_w` until the push is in: period_w / 100, or a sixth of the due
+window when the worker is erratic, between `fine_s` and `max_fine_s` (50 and
+500 us), so a push waits for its look ~0.5-2% of a step on average and a
+window costs a handful of looks.  The window opens `spacing + jitter_factor
+x` the running mean of |arrival - forecast| before the forecast (at most a
+quarter period).  A push that comes much earlier than forecast (a phase
+change, a slow step that ended) waits at most `max_sleep_s` (5 ms); a worker
+later than its forecast by more than its margin is taken off the forecast
+until it pushes again, and the loop backs off exponentially to `max_sleep_s`.
+
+What it saves and costs, measured: docs/benchmarks.md, "The server's CPU".
 
 Pure Python, no MPI: `tests/unit/test_wakeup.py` drives it with a fake clock.
 """
@@ -38,14 +40,17 @@ EMA = 0.2  # weight of the newest interval / error in the running means
 class Wakeup:
     n_workers: int
     fine_s: float = 5e-5  # shortest poll period while a push is due
-    max_fine_s: float = 2.5e-4  # longest poll period while a push is due
+    max_fine_s: float = 5e-4  # longest poll period while a push is due
+    looks_per_window: int = 6  # at most about this many looks in a due window
     spacing_fraction: float = 0.01  # poll period while due, as a fraction of the period
     max_margin_fraction: float = 0.25  # the due window is at most this part of the period
-    max_sleep_s: float = 2e-3  # longest sleep: the worst extra wait of an unforecast push
+    max_sleep_s: float = 5e-3  # longest sleep: the worst extra wait of an unforecast push
     jitter_factor: float = 3.0
     last: list[float | None] = field(init=False)
     period: list[float | None] = field(init=False)
     jitter: list[float] = field(init=False)
+    # pushes seen before their worker's due window, inside it, or after it (diagnostics)
+    seen: dict[str, int] = field(init=False)
     _backoff: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -53,6 +58,7 @@ class Wakeup:
         self.last = [None] * K
         self.period = [None] * K
         self.jitter = [0.0] * K
+        self.seen = {"early": 0, "due": 0, "late": 0}
         self._backoff = self.fine_s
 
     def pushed(self, worker: int, now: float) -> None:
@@ -63,7 +69,9 @@ class Wakeup:
             if period is None:
                 self.period[worker] = interval
             else:
-                err = abs(now - (last + period))
+                off, m = now - (last + period), self.margin(worker)
+                self.seen["early" if off < -m else "late" if off > m else "due"] += 1
+                err = abs(off)
                 self.jitter[worker] += EMA * (err - self.jitter[worker])
                 self.period[worker] = period + EMA * (interval - period)
         self.last[worker] = now
@@ -75,8 +83,11 @@ class Wakeup:
         self.jitter[worker] = 0.0
 
     def spacing(self, worker: int) -> float:
-        """Poll period while `worker`'s push is due (its period must be known)."""
-        return min(max(self.spacing_fraction * self.period[worker], self.fine_s), self.max_fine_s)
+        """Poll period while `worker`'s push is due (its period must be known): period/100,
+        or a sixth of a wide window (an erratic worker costs a few looks, not dozens)."""
+        window = 2 * self.jitter_factor * self.jitter[worker]
+        s = max(self.spacing_fraction * self.period[worker], window / self.looks_per_window)
+        return min(max(s, self.fine_s), self.max_fine_s)
 
     def margin(self, worker: int) -> float:
         """How long before `worker`'s forecast the loop starts looking."""

@@ -115,8 +115,8 @@ class JobCollector(Collector):
         )
         cpu = CounterMetricFamily(
             "dbnps_server_cpu_seconds",
-            "CPU time of server rank 0 by role: serve (validate, sum, apply, ack), wait "
-            "(the loop between pushes), eval (the evaluation thread).",
+            "CPU time of server rank 0 by role: serve (validate, sum, apply, ack), book "
+            "(bookkeeping), wait (looking for pushes), eval (the evaluation thread).",
             labels=["role"],
         )
         for role, seconds in st.cpu_seconds().items():

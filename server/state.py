@@ -47,9 +47,10 @@ class ServerState:
     apply_seconds: float = 0.0  # inside the update rule
     busy_seconds: float = 0.0  # in handle(): validate, sum, apply, ack
     # CPU seconds (thread CPU time) of the main loop ("loop"), of which serving
-    # pushes ("serve"), and of the evaluation thread ("eval"): what is left of
-    # the loop is waiting (mailbox looks, bookkeeping, sleeps)
+    # pushes ("serve") and bookkeeping ("book"), and of the evaluation thread
+    # ("eval"): what is left of the loop is waiting (mailbox looks, sleeps)
     looks: int = 0  # times the loop looked at the mailboxes (idle or not)
+    forecast: dict[str, int] = field(default_factory=dict)  # pushes seen early/due/late
     cpu: dict[str, float] = field(default_factory=lambda: {"loop": 0.0, "serve": 0.0, "eval": 0.0})
     first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
     last_apply: float = 0.0
@@ -122,11 +123,12 @@ class ServerState:
         self.staleness_max = max(self.staleness_max, s)
 
     def cpu_seconds(self) -> dict[str, float]:
-        """This rank's CPU by role: serve, wait (the loop's rest), eval, and the whole process."""
+        """This rank's CPU by role: serve, book, wait (the loop's rest), eval, the process."""
         c = self.cpu
         return {
             "serve": round(c["serve"], 3),
-            "wait": round(max(c["loop"] - c["serve"], 0.0), 3),
+            "book": round(c["book"], 3),
+            "wait": round(max(c["loop"] - c["serve"] - c["book"], 0.0), 3),
             "eval": round(c["eval"], 3),
             "process": round(time.process_time(), 3),  # all threads, start-up included
         }
@@ -144,6 +146,7 @@ class ServerState:
             "busy_seconds": round(self.busy_seconds, 6),
             "cpu_seconds": self.cpu_seconds(),
             "mailbox_looks": self.looks,
+            "push_forecast": dict(self.forecast),
             "ingest_updates_per_s": self.ingest_rate,
             "capacity_updates_per_s": self.applied_total / self.busy_seconds
             if self.busy_seconds

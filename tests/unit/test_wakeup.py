@@ -97,3 +97,14 @@ def test_forget_stops_forecasting_a_dead_worker():
     w.forget(0)
     last1 = w.last[1]
     assert w.delay(last1) == pytest.approx(0.050 - w.spacing(1))
+
+
+def test_an_erratic_worker_costs_a_few_looks_per_window_not_dozens():
+    w = Wakeup(1, fine_s=5e-5, max_fine_s=1.0, max_sleep_s=1.0, looks_per_window=6)
+    t = 0.0
+    for i in range(60):  # intervals 18 and 22 ms: a window of 2 x 3 x ~2 ms
+        w.pushed(0, t)
+        t += 0.018 if i % 2 else 0.022
+    window = 2 * w.jitter_factor * w.jitter[0]
+    assert w.spacing(0) == pytest.approx(window / 6)
+    assert w.spacing(0) > w.spacing_fraction * w.period[0]  # wider than period / 100
