@@ -51,7 +51,9 @@ class ServerState:
     # ("eval"): what is left of the loop is waiting (mailbox looks, sleeps)
     looks: int = 0  # times the loop looked at the mailboxes (idle or not)
     forecast: dict[str, int] = field(default_factory=dict)  # pushes seen early/due/late
-    cpu: dict[str, float] = field(default_factory=lambda: {"loop": 0.0, "serve": 0.0, "eval": 0.0})
+    cpu: dict[str, float] = field(
+        default_factory=lambda: {"loop": 0.0, "serve": 0.0, "book": 0.0, "eval": 0.0}
+    )
     first_apply: float = 0.0  # wall time of the first and last applied batch (ingest rate)
     last_apply: float = 0.0
     staleness_counts: np.ndarray = field(
