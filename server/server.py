@@ -730,6 +730,7 @@ class ParameterServer:
                 st.test_accuracy = choice.accuracy if same else self.evaluate_test(choice.params)
             st.saved = {
                 "which": choice.which,
+                "averaged": self.average is not None,  # [ps] average: the average was saved
                 "version": choice.version,
                 "eval_split": st.eval_split,
                 "eval_accuracy": choice.accuracy,
@@ -757,8 +758,10 @@ class ParameterServer:
                     if st.eval_split == "validation"
                     else ""
                 )
+                averaged = " averaged" if self.average is not None else ""
                 self.log(
-                    f"saved model: {how[choice.which]} parameters (version {choice.version})"
+                    f"saved model: {how[choice.which]}{averaged} parameters "
+                    f"(version {choice.version})"
                     f"{val}, final test accuracy: {st.test_accuracy:.4f}"
                 )
             self._pool.shutdown()

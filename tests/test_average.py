@@ -67,6 +67,7 @@ def test_evaluations_and_the_saved_model_use_the_average(tmp_path, job):
     assert avg["kind"] == "ema" and 30 <= avg["count"] <= 40, avg
     assert 0 < avg["live_eval_accuracy"] <= 1
     assert "(average; live " in res.output and "parameter average (ema" in res.output
+    assert s["saved"]["averaged"] and "best on validation averaged parameters" in res.output
     # the saved model is the one reported (the best evaluated average, on validation)
     _, params, _, _ = load_model(res.run_dir / "model.npz")
     d = load_data(load(cfg))

@@ -28,3 +28,15 @@ def test_the_line_says_what_was_saved(tmp_path):
     line = outcome(tmp_path / "summary.json")
     assert "test accuracy 0.9800, validation 0.9900" in line
     assert "best on validation parameters (version 7)" in line and "1 rejected" in line
+
+
+def test_the_line_says_when_the_saved_parameters_are_the_average(tmp_path):
+    s = {
+        "test_accuracy": 0.99,
+        "version": 10,
+        "applied": 10,
+        "rejected": {},
+        "saved": {"which": "last", "averaged": True, "version": 10, "eval_split": "test"},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    assert "saved the last averaged parameters (version 10)" in outcome(tmp_path / "summary.json")

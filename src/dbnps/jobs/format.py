@@ -164,6 +164,8 @@ def outcome(summary_path: Path) -> str:
         score += f", validation {val:.4f}"
     which = {"last": "last", "best": "best on validation", "target": "target-reaching"}
     how = which.get(saved.get("which", "last"), "last")
+    if saved.get("averaged"):  # [ps] average
+        how += " averaged"
     return (
         f"{score}; saved the {how} parameters (version {saved.get('version', s['version'])}) "
         f"to {Path(summary_path).parent / 'model.npz'}; "
