@@ -82,6 +82,11 @@ class PSConfig:
     pretrain_n_fetch: int = 0  # n_fetch while pretraining; 0: same as n_fetch
     pretrain_n_push: int = 0  # n_push while pretraining; 0: same as n_push
     staleness_bound: int = 0  # tau; 0: unbounded. A push staler than tau is dropped
+    # Warm start (DistBelief): the first solo_epochs of fine-tuning, and the first
+    # pretrain_solo_epochs of each RBM, are trained by one worker (the lowest live
+    # one) on the whole training set while the others wait; then all K on their shards.
+    solo_epochs: float = 0.0
+    pretrain_solo_epochs: float = 0.0
     # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
     # (staleness-aware lr, Zhang et al. IJCAI 2016); "compensate": the momentum (and,
     # past 1/(1 - momentum) effective workers, the lr) is lowered by the asynchrony's
@@ -253,6 +258,8 @@ def validate(cfg: Config) -> None:
     for key in ("pretrain_n_fetch", "pretrain_n_push"):
         _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: as n_fetch/n_push)")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
+    for key in ("solo_epochs", "pretrain_solo_epochs"):
+        _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: no warm start)")
     _check(
         p.staleness_lr in ("none", "inverse", "compensate"),
         f"[ps] staleness_lr must be one of none, inverse, compensate, got {p.staleness_lr!r}",

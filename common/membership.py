@@ -73,3 +73,8 @@ def live_shard(me: int, dead: set[int], n_workers: int) -> tuple[int, int] | Non
     """
     live = [w for w in range(n_workers) if w not in dead]
     return (live.index(me), len(live)) if me in live else None
+
+
+def solo_worker(n_workers: int, dead: set[int]) -> int | None:
+    """The worker that trains alone during a warm start: the lowest live one (None: none left)."""
+    return next((w for w in range(n_workers) if w not in dead), None)

@@ -43,6 +43,16 @@ def phase_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
     return round(phase_epochs(cfg, phase, n_layers) * n_train)
 
 
+def solo_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
+    """Samples at the start of `phase` that one worker trains alone (the warm start).
+
+    `[ps] pretrain_solo_epochs` for an RBM, `[ps] solo_epochs` for fine-tuning,
+    at most the whole phase; 0: every worker trains from the first sample.
+    """
+    solo = cfg.ps.pretrain_solo_epochs if phase < n_layers else cfg.ps.solo_epochs
+    return round(min(solo, phase_epochs(cfg, phase, n_layers)) * n_train)
+
+
 def batch_size(cfg: Config, phase: int, n_layers: int) -> int:
     return cfg.pretrain.batch_size if phase < n_layers else cfg.finetune.batch_size
 

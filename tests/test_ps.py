@@ -239,6 +239,51 @@ def test_pretraining_pushes_every_pretrain_n_push_steps(tmp_path, job):
     np.testing.assert_allclose(final_params(res.run_dir), expected, rtol=0, atol=2e-5)
 
 
+def test_warm_start_one_worker_trains_alone_then_all(tmp_path, job):
+    """[ps] pretrain_solo_epochs / solo_epochs: the first part of each phase is worker 0's.
+
+    600 images / batch 100: each 1-epoch RBM is 6 pushes, 3 of them worker 0's alone;
+    fine-tuning is 24 pushes, 18 of them worker 0's alone.  Without the warm start
+    three workers would share the 36 pushes about evenly (~12 each)."""
+    cfg_path = write_config(
+        tmp_path / "solo.toml",
+        {
+            **SMALL,
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 4.0, "lr": 0.1},
+            "ps": {"update_rule": "sgd", "pretrain_solo_epochs": 0.5, "solo_epochs": 3.0},
+        },
+    )
+    res = job(cfg_path, workers=3, worker_args=("--inject-synthetic-grad", "0.001"))
+    assert res.rc == 0, res.output
+    s = res.summary
+    w0, w1, w2 = s["workers"]
+    # A phase's last batch of pushes may overshoot its samples by a push or two.
+    assert 36 <= s["applied"] <= 38, s
+    assert w0["applied"] >= 3 + 3 + 18, s["workers"]
+    assert w1["applied"] + w2["applied"] <= 3 + 3 + 6 + 2, s["workers"]
+
+
+def test_warm_start_on_real_data_trains_the_whole_set_then_the_shards(tmp_path, job):
+    """The solo worker's sampler over the whole set, through every phase, and the job learns."""
+    cfg_path = write_config(
+        tmp_path / "solo-real.toml",
+        {
+            "model": {"sizes": [784, 64]},
+            "data": {"train_subset": 3000, "test_subset": 500},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+            "run": {"eval_every_epochs": 3.0},
+            "ps": {"pretrain_solo_epochs": 0.5, "solo_epochs": 2.0},
+        },
+    )
+    res = job(cfg_path, workers=2)
+    assert res.rc == 0, res.output[-3000:]
+    w0, w1 = res.summary["workers"]
+    assert w0["applied"] > w1["applied"] + 20, res.summary["workers"]  # 15 + 60 pushes alone
+    assert res.summary["test_accuracy"] > 0.8, res.summary["test_accuracy"]
+
+
 def test_evaluations_follow_the_schedule_not_the_log(tmp_path, job):
     """A log line every 20 ms must not start test evaluations (they cost rank 0 a forward pass)."""
     cfg_path = write_config(

@@ -10,6 +10,11 @@ The talk's Algorithm 4, worker half::
 The phase (pretrain layer l, fine-tune, done) is read from the server header
 on every pull; at a phase change the worker pulls the whole vector (the lower
 layers it will propagate through are final) and restarts its minibatch walk.
+
+Warm start (`[ps] solo_epochs`, `pretrain_solo_epochs`; DistBelief's
+"warmstarting"): until the phase has applied that many epochs of samples, the
+lowest live worker trains alone on the whole training set and the others wait
+(heartbeats only), then every worker trains on its shard.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from dbnps.common import rma
 from dbnps.common.config import Config
 from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
-from dbnps.common.membership import live_shard
-from dbnps.common.protocol import PHASE, STATE_DONE, STATE_RUNNING
-from dbnps.common.schedule import hyper, phase_samples
+from dbnps.common.membership import live_shard, solo_worker
+from dbnps.common.protocol import MEMBERS, PHASE, SAMPLES, STATE_DONE, STATE_RUNNING, STOP
+from dbnps.common.schedule import hyper, phase_samples, solo_samples
 from dbnps.common.updaters import make_rule
 from dbnps.common.wakeup import tighten_timer_slack
 from dbnps.worker.cadence import Cadence
@@ -139,6 +144,7 @@ class Worker:
         )
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
+        self._solo = None  # (phase, StepGradient over the whole set) while we train alone
         if self.faults.synthetic_grad is None:
             self._reshard(set())
         topo.comm.Barrier()  # the server has initialised its parameters
@@ -174,7 +180,7 @@ class Worker:
             self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
         return True
 
-    def _step(self, phase: int, epoch: float) -> tuple[float, int]:
+    def _step(self, phase: int, epoch: float, sampler) -> tuple[float, int]:
         f = self.faults
         if f.sleep_worker == self.me and f.sleep_s:
             time.sleep(f.sleep_s)
@@ -183,8 +189,8 @@ class Worker:
         if f.die_worker == self.me and f.die_in == "step" and self._steps >= f.die_after:
             _die()
         self._steps += 1
-        if self.sampler is not None:
-            return self.sampler.step(self.params, self.grad, epoch=epoch)
+        if sampler is not None:
+            return sampler.step(self.params, self.grad, epoch=epoch)
         lo, hi = self.layout.phase_range(phase)
         self.grad.flat[lo:hi] = np.float32(f.synthetic_grad * (self.me + 1))
         return 0.0, self.cfg.finetune.batch_size
@@ -210,15 +216,51 @@ class Worker:
                 )
                 os._exit(3)
 
-    def _local_begin_phase(self, phase: int) -> None:
+    def _local_begin_phase(self, phase: int, sampler=None) -> None:
         """The sampler's phase set-up: local work the watchdog must not count as waiting."""
         self._local = True
         try:
             time.sleep(self.faults.slow_phase_s)
-            self.sampler.begin_phase(phase, self.params)
+            (sampler or self.sampler).begin_phase(phase, self.params)
         finally:
             self._local = False
             self._progress = time.monotonic()
+
+    def _solo_sampler(self, phase: int):
+        """The whole training set's sampler for our warm start in `phase` (None: synthetic)."""
+        if self.sampler is None:
+            return None
+        if self._solo is None or self._solo[0] != phase:
+            from dbnps.common.steps import StepGradient
+
+            self._solo = None  # free the last phase's propagated data first
+            sg = StepGradient(self.layout, self.cfg, self.X_all, self.y_all, self.rng)
+            self._local_begin_phase(phase, sg)
+            self._solo = (phase, sg)
+        return self._solo[1]
+
+    def _wait_solo(self, phase: int, until: int, lo: int, hi: int, counts) -> rma.PullInfo:
+        """Another worker trains alone: wait (heartbeats only) until the phase has
+        `until` samples, changes, stops, or the membership changes; then pull."""
+        client = self.client
+        beat = 0.0
+        while True:
+            hdr = client.header(0)
+            if (
+                hdr[PHASE] != phase
+                or hdr[SAMPLES] >= until
+                or hdr[STOP]
+                or hdr[MEMBERS] != self.members
+            ):
+                break
+            now = time.monotonic()
+            self._progress = now  # waiting on purpose, not stuck
+            if now - beat > 1.0:
+                client.report(**counts.fields(rate=0.0), state=STATE_RUNNING)
+                beat = now
+            time.sleep(0.1)
+        counts.pulls += 1
+        return client.pull(self.params.flat, lo, hi)
 
     def run(self) -> None:
         self._finished = self._local = False
@@ -236,7 +278,7 @@ class Worker:
         counts = Counts()
         profile = Profile()
         info = client.pull(self.params.flat, 0, layout.size)
-        phase, cadence, prof = -1, Cadence(1, 1), {}  # prof: set at the first phase
+        phase, cadence, prof, solo_n = -1, Cadence(1, 1), {}, 0  # set at the first phase
         while True:
             if info.members != self.members and not self._follow_membership(info, phase):
                 break  # we were presumed dead (silent too long): our shard is taken
@@ -247,10 +289,19 @@ class Worker:
                 phase = info.phase
                 cadence = Cadence(*self.cfg.ps.every(pretraining=phase < layout.n_layers), self.acc)
                 prof = profile.phase(layout.phase_name(phase))
+                solo_n = solo_samples(self.cfg, phase, layout.n_layers, self.n_train)
             lo, hi = layout.phase_range(phase)
+            sampler = self.sampler
+            if info.samples < solo_n and self.topo.n_workers > 1:  # warm start: one trains alone
+                if self.me != solo_worker(self.topo.n_workers, info.dead):
+                    info = self._wait_solo(phase, solo_n, lo, hi, counts)
+                    continue
+                sampler = self._solo_sampler(phase)
+            elif self._solo is not None:
+                self._solo = None  # the warm start is over: our shard from here on
             self._progress = time.monotonic()
             t0 = time.perf_counter()
-            counts.loss, n = self._step(phase, info.samples / max(self.n_train, 1))
+            counts.loss, n = self._step(phase, info.samples / max(self.n_train, 1), sampler)
             prof["step"] += time.perf_counter() - t0
             prof["steps"] += 1
             counts.steps += 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dbnps.common.config import from_dict
-from dbnps.common.membership import Membership, live_shard
+from dbnps.common.membership import Membership, live_shard, solo_worker
 from dbnps.common.protocol import (
     DEAD,
     HEARTBEAT,
@@ -20,7 +20,7 @@ from dbnps.common.protocol import (
     header_words,
     mark_dead,
 )
-from dbnps.common.schedule import PhaseSchedule
+from dbnps.common.schedule import PhaseSchedule, solo_samples
 from dbnps.worker.cadence import Cadence
 
 
@@ -115,3 +115,30 @@ def test_cadence_n_push_3_sums_three_steps_and_their_samples():
 def test_cadence_n_push_above_1_needs_a_buffer():
     with pytest.raises(ValueError, match="buffer"):
         Cadence(1, 2)
+
+
+def test_warm_start_samples_per_phase_and_capped_by_the_phase():
+    cfg = from_dict(
+        {
+            "pretrain": {"epochs": 2.0},
+            "finetune": {"epochs": 10.0},
+            "ps": {"pretrain_solo_epochs": 5.0, "solo_epochs": 1.5},
+        }
+    )
+    # 3 RBMs: the whole of each 2-epoch RBM alone (5 > 2), then 1.5 of 10 fine-tuning epochs
+    assert [solo_samples(cfg, p, 3, 1000) for p in range(4)] == [2000, 2000, 2000, 1500]
+    assert solo_samples(from_dict({}), 3, 3, 1000) == 0  # default: no warm start
+
+
+def test_the_solo_worker_is_the_lowest_live_one():
+    assert solo_worker(4, set()) == 0
+    assert solo_worker(4, {0, 1}) == 2  # worker 0 died during its warm start: 2 takes over
+    assert solo_worker(2, {0, 1}) is None
+
+
+@pytest.mark.parametrize("key", ["solo_epochs", "pretrain_solo_epochs"])
+def test_negative_warm_start_is_refused_naming_the_key(key):
+    from dbnps.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"ps\\] {key} must be >= 0"):
+        from_dict({"ps": {key: -1.0}})
