@@ -87,6 +87,10 @@ class PSConfig:
     # one) on the whole training set while the others wait; then all K on their shards.
     solo_epochs: float = 0.0
     pretrain_solo_epochs: float = 0.0
+    # The K training workers share the configured batch: each step is batch_size / K
+    # samples and the server counts a push of n samples as n / batch_size of a step
+    # (momentum mu^w, lr scaled to keep lr / (1 - mu) per sample): K pushes ~ one step.
+    split_batch: bool = False
     # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
     # (staleness-aware lr, Zhang et al. IJCAI 2016); "compensate": the momentum (and,
     # past 1/(1 - momentum) effective workers, the lr) is lowered by the asynchrony's
@@ -282,6 +286,10 @@ def validate(cfg: Config) -> None:
     _check(
         p.average_start_epoch >= 0,
         f"[ps] average_start_epoch must be >= 0, got {p.average_start_epoch}",
+    )
+    _check(
+        not p.split_batch or p.mode == "apply",
+        '[ps] split_batch needs mode = "apply" (the server weighs each push by its samples)',
     )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")
     _check(p.step_timeout_s > 0, f"[ps] step_timeout_s must be > 0, got {p.step_timeout_s}")

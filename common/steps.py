@@ -55,6 +55,9 @@ class StepGradient:
         self.X = np.ascontiguousarray(X, dtype=np.float32)
         self.y = np.ascontiguousarray(y)
         self.rng = rng
+        # `[ps] split_batch`: this many workers share the phase's batch (each step has
+        # batch_size / split samples, at least 1); 1: the configured batch.
+        self.split = 1
         self.phase = -1
         self.batch = 0
         self._data: np.ndarray | None = None
@@ -81,7 +84,7 @@ class StepGradient:
         if not 0 <= phase <= L:
             raise ValueError(f"phase {phase} has no gradient (phases 0..{L})")
         self.phase = phase
-        self.batch = min(batch_size(self.cfg, phase, L), self.n)
+        self.batch = min(max(1, round(batch_size(self.cfg, phase, L) / self.split)), self.n)
         self._perm = None
         self._pos = 0
         self._data = None  # free the previous phase's data before building the next

@@ -22,6 +22,9 @@ numpy arrays.
    inside `shard.write()` (the transport's seqlock bracket).  Under
    `staleness_lr = "compensate"` the rule gets the momentum and lr of
    `compensate` at the running mean staleness instead of the schedule's.
+   Under `[ps] split_batch` each push of n samples weighs n / batch in the
+   sum and the rule gets `fractional_step`'s lr and momentum for the batch's
+   w = samples / batch steps (K pushes of batch / K samples ~ one step).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Shard:
     lr: float
     momentum: float
     write: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    batch: int = 0  # the phase's configured batch (samples of one whole step)
 
     @property
     def version(self) -> int:
@@ -98,13 +102,34 @@ def compensate(lr: float, momentum: float, k_eff: float) -> tuple[float, float]:
     return lr / (k_eff * (1.0 - momentum)), 0.0
 
 
+def fractional_step(lr: float, momentum: float, w: float) -> tuple[float, float]:
+    """(lr, momentum) that make an update worth `w` steps of momentum SGD.
+
+    A push over n = w * batch samples (w < 1 when K workers share the batch,
+    `[ps] split_batch`) is a fraction of a step: the velocity decays by
+    mu^w, so that 1/w such updates forget as much as one step, and the lr is
+    lr (1 - mu^w) / (1 - mu), so that the steady step for a gradient weighted
+    by w, lr' w g / (1 - mu^w), is w times the step's lr g / (1 - mu): the
+    same progress per sample as one worker taking whole steps.  w = 1 gives
+    (lr, mu) back; mu = 0 gives (lr, 0).
+    """
+    decay = momentum**w
+    return lr * (1.0 - decay) / (1.0 - momentum) if momentum > 0 else lr, decay
+
+
 class Aggregate:
     """Validate, sum and apply a batch of pushes with one pass of the update rule."""
 
     TAU_DECAY = 0.98  # the running mean staleness forgets over ~50 applied pushes
 
     def __init__(
-        self, rule, *, staleness_bound: int = 0, staleness_lr: str = "none", constrain=None
+        self,
+        rule,
+        *,
+        staleness_bound: int = 0,
+        staleness_lr: str = "none",
+        constrain=None,
+        split_batch: bool = False,
     ):
         """`constrain(shard)`: called after each apply, inside the write bracket (e.g.
         max-norm on the weights), so pulls only ever see constrained parameters."""
@@ -113,6 +138,7 @@ class Aggregate:
         self.staleness_bound = staleness_bound
         self.inverse = staleness_lr == "inverse"
         self.compensating = staleness_lr == "compensate"
+        self.split_batch = split_batch
         self.tau_mean: float | None = None  # running mean staleness of the applied pushes
         self._agg = np.empty(rule.size, dtype=np.float32)
 
@@ -132,10 +158,11 @@ class Aggregate:
             return out
         # One finiteness check of the sum; single pushes are looked at only if it is bad.
         accepted = candidates
-        agg = self.sum(accepted, shard.version, a, b)
+        per = shard.batch if self.split_batch else 0  # a push weighs n_samples / per
+        agg = self.sum(accepted, shard.version, a, b, per)
         if b > a and not finite(agg):
             accepted = [p for p in candidates if finite(p.grad)]
-            agg = self.sum(accepted, shard.version, a, b) if accepted else agg
+            agg = self.sum(accepted, shard.version, a, b, per) if accepted else agg
         ok = {p.worker for p in accepted}
         for p in candidates:
             out.results[p.worker] = APPLIED if p.worker in ok else REJECTED_NONFINITE
@@ -145,6 +172,8 @@ class Aggregate:
         out.samples = sum(p.n_samples for p in accepted)
         out.staleness = [max(shard.version - p.pulled_version, 0) for p in accepted]
         lr, mom = shard.lr, shard.momentum
+        if per and out.samples != per:  # (a whole step's samples: the schedule as it is)
+            lr, mom = fractional_step(lr, mom, out.samples / per)
         if self.compensating:
             lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(out.staleness))
         with shard.write():  # pulls see the parameters and their version change together
@@ -164,16 +193,19 @@ class Aggregate:
                 self.tau_mean = self.TAU_DECAY * self.tau_mean + (1 - self.TAU_DECAY) * tau
         return self.tau_mean or 0.0
 
-    def sum(self, pushes: list[Push], version: int, a: int, b: int) -> np.ndarray:
+    def sum(self, pushes: list[Push], version: int, a: int, b: int, per: int = 0) -> np.ndarray:
         """sum_i w_i g_i over the pushes (a scratch buffer; a lone unweighted push in place).
 
         w_i = 1 / max(tau_i, 1), tau_i = version - pulled_version_i, under
-        `staleness_lr = "inverse"`, else 1.  A lone push with weight 1 is used
-        as it is: its slot is scratch until the ack.
+        `staleness_lr = "inverse"`, else 1; times n_samples_i / per when `per`
+        (split_batch: the samples of one whole step).  A lone push with weight 1
+        is used as it is: its slot is scratch until the ack.
         """
         if b <= a:  # this shard holds nothing of the phase
             return self._agg[:0]
         w = [1.0 / max(version - p.pulled_version, 1) if self.inverse else 1.0 for p in pushes]
+        if per:
+            w = [wi * p.n_samples / per for wi, p in zip(w, pushes, strict=True)]
         if len(pushes) == 1 and w[0] == 1.0:
             return pushes[0].grad
         agg = self._agg[a:b]

@@ -33,7 +33,7 @@ from dbnps.common import rma
 from dbnps.common.averaging import ParamAverage
 from dbnps.common.config import Config
 from dbnps.common.layout import Layout
-from dbnps.common.schedule import PhaseSchedule, hyper
+from dbnps.common.schedule import PhaseSchedule, batch_size, hyper
 from dbnps.common.selection import Selection
 from dbnps.common.updaters import make_rule
 from dbnps.common.wakeup import Wakeup, tighten_timer_slack
@@ -100,6 +100,7 @@ class ParameterServer:
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
             staleness_lr=cfg.ps.staleness_lr,
+            split_batch=cfg.ps.split_batch,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # [ps] average: a running average of the fine-tuning parameters (one server rank,
@@ -263,6 +264,7 @@ class ParameterServer:
             lr=lr,
             momentum=mom,
             write=self._writing,
+            batch=batch_size(self.cfg, st.phase, self.layout.n_layers),
         )
 
     def _max_norm(self, shard: Shard) -> None:

@@ -284,6 +284,30 @@ def test_warm_start_on_real_data_trains_the_whole_set_then_the_shards(tmp_path, 
     assert res.summary["test_accuracy"] > 0.8, res.summary["test_accuracy"]
 
 
+def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job):
+    """[ps] split_batch: 3 workers take steps of 100 / 3 = 33 samples, the server weighs
+    each push by 33/100 of a step (unit-tested math), and the job learns."""
+    cfg_path = write_config(
+        tmp_path / "split.toml",
+        {
+            "model": {"sizes": [784, 64]},
+            "data": {"train_subset": 3000, "test_subset": 500},
+            "pretrain": {"epochs": 1.0},
+            "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+            "run": {"eval_every_epochs": 3.0},
+            "ps": {"split_batch": True},
+        },
+    )
+    res = job(cfg_path, workers=3)
+    assert res.rc == 0, res.output[-3000:]
+    s = res.summary
+    for w in s["workers"]:
+        assert w["samples"] == 33 * w["steps"], s["workers"]
+    # 7 epochs of 3000 images in pushes of 33: ~3 x the 210 pushes of whole batches
+    assert s["applied"] >= 7 * 3000 // 33 - 3, s["applied"]
+    assert s["test_accuracy"] > 0.8, s["test_accuracy"]
+
+
 def test_evaluations_follow_the_schedule_not_the_log(tmp_path, job):
     """A log line every 20 ms must not start test evaluations (they cost rank 0 a forward pass)."""
     cfg_path = write_config(

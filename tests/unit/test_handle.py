@@ -19,7 +19,7 @@ from dbnps.common.protocol import (
     Push,
 )
 from dbnps.common.updaters import make_rule
-from dbnps.server.handle import Aggregate, Shard, compensate
+from dbnps.server.handle import Aggregate, Shard, compensate, fractional_step
 
 N = 6
 
@@ -187,3 +187,57 @@ def test_compensate_applies_the_momentum_of_the_running_mean_staleness():
     sh.momentum = 0.9
     agg0([push(0, np.ones(N), pulled=10)], sh)
     assert rule0.calls == [(0.5, 0.9)]
+
+
+@pytest.mark.parametrize(("lr", "mu"), [(0.2, 0.9), (0.1, 0.5), (0.3, 0.0)])
+def test_a_whole_step_is_the_schedule_as_it_is(lr, mu):
+    assert fractional_step(lr, mu, 1.0) == pytest.approx((lr, mu))
+
+
+def test_fractional_steps_forget_and_advance_like_whole_steps_per_sample():
+    """32 momentum updates of w = 1/32 (gradients weighted by w) == 1 whole step, per sample.
+
+    Forgetting: 32 updates with no gradient decay the velocity by mu, like one step.
+    Progress: under a constant gradient both reach the same steady step per sample,
+    lr g / (1 - mu) per whole step's worth of samples."""
+    lr, mu, k = 0.2, 0.9, 32
+    lr_w, mu_w = fractional_step(lr, mu, 1 / k)
+    assert mu_w**k == pytest.approx(mu)
+    v = 1.0
+    for _ in range(k):
+        v = mu_w * v
+    assert v == pytest.approx(mu)
+    g, v_whole, v_frac, whole, frac = 1.0, 0.0, 0.0, 0.0, 0.0
+    for _ in range(200):  # 200 steps' worth of samples each way
+        v_whole = mu * v_whole - lr * g
+        whole += v_whole
+        for _ in range(k):
+            v_frac = mu_w * v_frac - lr_w * (g / k)
+            frac += v_frac
+    assert frac == pytest.approx(whole, rel=0.02)
+    assert whole / 200 == pytest.approx(-lr * g / (1 - mu), rel=0.06)
+
+
+def test_split_batch_weighs_each_push_by_its_samples_and_steps_by_the_batch():
+    """Batch 100 shared by 4 workers: 4 pushes of 25 samples weigh 1/4 each, and the
+    rule gets the lr and momentum of one whole step (w = 100/100)."""
+    rule = _Recorder()
+    sh = shard(lr=0.2)
+    sh.momentum, sh.batch = 0.9, 100
+    grads = [np.full(N, float(w + 1), np.float32) for w in range(4)]
+    captured = []
+    rule.apply = lambda p, g, lr, mom, lo: captured.append((g.copy(), lr, mom))
+    Aggregate(rule, split_batch=True)([push(w, g, n=25) for w, g in enumerate(grads)], sh)
+    ((g, lr, mom),) = captured
+    np.testing.assert_allclose(g, np.full(N, (1 + 2 + 3 + 4) / 4))  # the batch's mean gradient
+    assert (lr, mom) == pytest.approx((0.2, 0.9))
+    # one push of 25 samples alone: a quarter step
+    captured.clear()
+    Aggregate(rule, split_batch=True)([push(0, grads[1], n=25)], sh)
+    ((g, lr, mom),) = captured
+    np.testing.assert_allclose(g, np.full(N, 2 / 4))
+    assert (lr, mom) == pytest.approx(fractional_step(0.2, 0.9, 0.25))
+    # without split_batch the same push is a whole step
+    captured.clear()
+    Aggregate(rule)([push(0, grads[1], n=25)], sh)
+    assert captured[0][1:] == (0.2, 0.9) and captured[0][0][0] == 2.0
