@@ -3,6 +3,7 @@
     python bench/bench_staleness.py [--workers 1,2,4,8,16,32] [--rules none,inverse,compensate]
         [--target 0.98] [--config configs/mnist-dbn-fast.toml] [--out bench/results/staleness]
     python bench/bench_staleness.py --replot A.json B.json --out bench/results/staleness-all
+    python bench/bench_staleness.py --workers 8,32 --set ps.split_batch=true --label split ...
 
 For each K and each server-side rule (`[ps] staleness_lr`: "none" = plain
 momentum SGD on every push, "inverse" = each push's gradient weighted 1/max(tau, 1),
@@ -103,6 +104,16 @@ def main() -> None:
         help="override a config key (TOML value), e.g. pretrain.momentum_final=0.0",
     )
     ap.add_argument("--replot", nargs="+", metavar="JSON", help="merge earlier runs, run nothing")
+    ap.add_argument(
+        "--bound-per-worker",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="[ps] staleness_bound = round(F * K) for K workers (0: as the config says)",
+    )
+    ap.add_argument(
+        "--label", default="", help="name of this variant in tables and plots (default: the rule)"
+    )
     args = ap.parse_args()
     if args.replot:
         replot(args.replot, Path(args.out))
@@ -116,21 +127,26 @@ def main() -> None:
     rows = []
     for k in ks:
         for rule in rules:
+            sets = list(args.set)
+            if args.bound_per_worker:
+                sets.append(f"ps.staleness_bound={round(args.bound_per_worker * k)}")
             cfg = study_config(
-                Path(args.config), rule, args.target, args.cap, work / f"{rule}.toml", args.set
+                Path(args.config), rule, args.target, args.cap, work / f"k{k:02d}-{rule}.toml", sets
             )
             run_dir = work / f"k{k:02d}-{rule}"
             t0 = time.time()
             try:
                 summary, wall = run_job(cfg, k, run_dir, data_dir, args.timeout)
             except Exception as exc:  # one failed K is a result too (memory, timeout)
-                rows.append({"workers": k, "rule": rule, "error": str(exc)})
+                rows.append({"workers": k, "rule": rule, "set": args.set, "error": str(exc)})
                 print(f"K={k} {rule}: failed: {exc}", flush=True)
                 continue
             st = summary["staleness"]
             row = {
                 "workers": k,
-                "rule": rule,
+                "rule": f"{args.label} {rule}" if args.label else rule,
+                "set": args.set,
+                "cap": args.cap,
                 **to_target(summary, (run_dir / "job.log").read_text(), args.target),
                 "staleness_mean": st["mean"],
                 "staleness_max": st["max"],
@@ -139,6 +155,11 @@ def main() -> None:
                 "rejected": summary["rejected"],
                 "wall_s": round(wall, 1),
                 "started": time.strftime("%H:%M:%S", time.localtime(t0)),
+                "curve": [  # (fine-tuning epoch, validation accuracy) of every evaluation
+                    (h["epoch"], h.get("validation_accuracy", h.get("test_accuracy")))
+                    for h in summary["history"]
+                    if h["phase"] == "finetune"
+                ],
             }
             rows.append(row)
             print(
@@ -148,7 +169,7 @@ def main() -> None:
                 flush=True,
             )
             Path(str(out) + ".json").write_text(
-                json.dumps({"command": " ".join(sys.argv), "target": args.target,
+                json.dumps({"command": " ".join(sys.argv), "target": args.target, "cap": args.cap,
                             "config": args.config, "set": args.set, "rows": rows}, indent=1) + "\n"
             )  # fmt: skip
     Path(str(out) + ".md").write_text(table(rows, args) + "\n")
@@ -161,23 +182,29 @@ def table(rows: list[dict], args) -> str:
         f"Epochs and updates to {args.target:.1%} validation accuracy vs K workers; "
         f"`python bench/bench_staleness.py --workers {args.workers} --rules {args.rules}"
         + "".join(f" --set {kv}" for kv in getattr(args, "set", []))
+        + (
+            f" --bound-per-worker {args.bound_per_worker:g}"
+            if getattr(args, "bound_per_worker", 0)
+            else ""
+        )
         + "`, "
         f"config {Path(args.config).name} (validation 10000, evaluations every 0.5 epoch, "
         f"at most {args.cap:g} fine-tuning epochs).",
         "",
         "| K | rule | fine-tune epochs to target | updates to target | best validation | "
-        "staleness mean / max | job wall s |",
-        "|---|---|---|---|---|---|---|",
+        "staleness mean / max | stale pushes dropped | job wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workers']} | {r['rule']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['workers']} | {r['rule']} | failed: {r['error']} | | | | | |")
             continue
-        ep = f"{r['epochs']:g}" if r["reached"] else f"not in {args.cap:g}"
+        ep = f"{r['epochs']:g}" if r["reached"] else f"not in {r.get('cap', args.cap):g}"
         up = f"{r['updates']:,}" if r["reached"] else "-"
         lines.append(
             f"| {r['workers']} | {r['rule']} | {ep} | {up} | {r['best']:.4f} | "
-            f"{r['staleness_mean']:.2f} / {r['staleness_max']} | {r['wall_s']:.0f} |"
+            f"{r['staleness_mean']:.2f} / {r['staleness_max']} | "
+            f"{r['rejected'].get('stale', 0):,} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -190,6 +217,7 @@ def plot(rows: list[dict], rules: list[str], path: Path, target: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    rules = list(dict.fromkeys(r["rule"] for r in rows if "error" not in r)) or rules
     for rule in rules:
         mine = [r for r in rows if r.get("rule") == rule and "error" not in r]
         pts = [(r["workers"], r["epochs"]) for r in mine if r["reached"]]
@@ -216,7 +244,7 @@ def replot(paths: list[str], out: Path) -> None:
     rows.sort(key=lambda r: (r["workers"], rules.index(r["rule"])))
     args = argparse.Namespace(
         target=runs[0]["target"], workers="1,2,4,8,16,32", rules=",".join(rules),
-        config=runs[0]["config"], cap=25.0,
+        config=runs[0]["config"], cap=runs[0].get("cap", 25.0),
     )  # fmt: skip
     text = table(rows, args)
     text += "\n\nMerged from " + ", ".join(f"`{Path(p).name}`" for p in paths) + "."

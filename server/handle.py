@@ -24,7 +24,8 @@ numpy arrays.
    `compensate` at the running mean staleness instead of the schedule's.
    Under `[ps] split_batch` each push of n samples weighs n / batch in the
    sum and the rule gets `fractional_step`'s lr and momentum for the batch's
-   w = samples / batch steps (K pushes of batch / K samples ~ one step).
+   w = samples / batch steps (K pushes of batch / K samples ~ one step), and
+   `compensate` counts tau in whole steps (tau x n / batch), not in pushes.
 """
 
 from __future__ import annotations
@@ -175,7 +176,10 @@ class Aggregate:
         if per and out.samples != per:  # (a whole step's samples: the schedule as it is)
             lr, mom = fractional_step(lr, mom, out.samples / per)
         if self.compensating:
-            lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(out.staleness))
+            taus = out.staleness
+            if per:  # tau in whole steps: a push of n samples is n / per of a step
+                taus = [t * p.n_samples / per for t, p in zip(taus, accepted, strict=True)]
+            lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(taus))
         with shard.write():  # pulls see the parameters and their version change together
             self.rule.apply(shard.params[a:b], agg, lr, mom, a)
             if self.constrain is not None:
@@ -184,7 +188,7 @@ class Aggregate:
             shard.header[SAMPLES] += out.samples
         return out
 
-    def _mean_staleness(self, taus: list[int]) -> float:
+    def _mean_staleness(self, taus: list[float]) -> float:
         """Exponentially weighted mean of tau over the applied pushes (starts at the first)."""
         for tau in taus:
             if self.tau_mean is None:

@@ -241,3 +241,17 @@ def test_split_batch_weighs_each_push_by_its_samples_and_steps_by_the_batch():
     captured.clear()
     Aggregate(rule)([push(0, grads[1], n=25)], sh)
     assert captured[0][1:] == (0.2, 0.9) and captured[0][0][0] == 2.0
+
+
+def test_split_batch_compensate_counts_staleness_in_whole_steps():
+    """Pushes of 25 samples of a 100-sample batch, each 4 pushes stale: tau = 1 step, so
+    K_eff tends to 2 and momentum 0.9 is applied as 0.8 (in pushes it would be 5: 0.5)."""
+    rule = _Recorder()
+    agg = Aggregate(rule, staleness_lr="compensate", split_batch=True)
+    for v in range(10, 400):
+        sh = shard(version=v)
+        sh.momentum, sh.batch = 0.9, 100
+        agg([push(0, np.ones(N), pulled=v - 4, n=25)], sh)
+    assert agg.tau_mean == pytest.approx(1.0)
+    lr_w, mu_w = fractional_step(0.5, 0.9, 0.25)
+    assert rule.calls[-1] == pytest.approx(compensate(lr_w, mu_w, 2.0))
