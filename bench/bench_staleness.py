@@ -156,9 +156,10 @@ def main() -> None:
                 "wall_s": round(wall, 1),
                 "started": time.strftime("%H:%M:%S", time.localtime(t0)),
                 "curve": [  # (fine-tuning epoch, validation accuracy) of every evaluation
-                    (h["epoch"], h.get("validation_accuracy", h.get("test_accuracy")))
+                    (h["epoch"], a)
                     for h in summary["history"]
                     if h["phase"] == "finetune"
+                    and (a := h.get("validation_accuracy", h.get("test_accuracy"))) is not None
                 ],
             }
             rows.append(row)
