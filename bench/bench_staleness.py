@@ -105,6 +105,9 @@ def main() -> None:
     )
     ap.add_argument("--replot", nargs="+", metavar="JSON", help="merge earlier runs, run nothing")
     ap.add_argument(
+        "--curves", nargs="+", metavar="JSON", help="validation accuracy vs epoch of runs' rows"
+    )
+    ap.add_argument(
         "--bound-per-worker",
         type=float,
         default=0.0,
@@ -117,6 +120,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.replot:
         replot(args.replot, Path(args.out))
+        return
+    if args.curves:
+        curves(args.curves, Path(args.out), args.target)
         return
     ks = [int(k) for k in args.workers.split(",")]
     rules = args.rules.split(",")
@@ -200,7 +206,7 @@ def table(rows: list[dict], args) -> str:
         if "error" in r:
             lines.append(f"| {r['workers']} | {r['rule']} | failed: {r['error']} | | | | | |")
             continue
-        ep = f"{r['epochs']:g}" if r["reached"] else f"not in {r.get('cap', args.cap):g}"
+        ep = f"{round(r['epochs'], 2):g}" if r["reached"] else f"not in {r.get('cap', args.cap):g}"
         up = f"{r['updates']:,}" if r["reached"] else "-"
         lines.append(
             f"| {r['workers']} | {r['rule']} | {ep} | {up} | {r['best']:.4f} | "
@@ -235,6 +241,28 @@ def plot(rows: list[dict], rules: list[str], path: Path, target: float) -> None:
     bx.axhline(target, color="grey", lw=0.8, ls="--")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def curves(paths: list[str], out: Path, target: float) -> None:
+    """<out>.png: validation accuracy vs fine-tuning epoch of every row that has a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"] if r.get("curve")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        ep, acc = zip(*r["curve"], strict=True)
+        ax.plot(ep, acc, marker=".", label=f"K = {r['workers']}, {r['rule']}")
+    ax.axhline(target, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0.94, 0.985)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(str(out) + ".png"), dpi=110)
 
 
 def replot(paths: list[str], out: Path) -> None:
