@@ -63,7 +63,13 @@ def apply_subsets(cfg: Config, data: MNIST) -> MNIST:
 
 def load_data(cfg: Config, data_dir: str | None = None) -> MNIST:
     """MNIST with the config's subsets applied (`--data-dir` beats `[data] dir`)."""
-    return apply_subsets(cfg, load_mnist(data_dir or cfg.data.dir or None, verify=cfg.data.verify))
+    data = load_mnist(
+        data_dir or cfg.data.dir or None,
+        verify=cfg.data.verify,
+        train_subset=cfg.data.train_subset,
+        test_subset=cfg.data.test_subset,
+    )
+    return apply_subsets(cfg, data)
 
 
 def initial_params(cfg: Config, layout: Layout, X_train: np.ndarray) -> np.ndarray:

@@ -274,11 +274,15 @@ def _parse_header(path: Path, data: bytes, magic: int, ndim: int) -> tuple[int, 
 
 
 def _load_images(path: Path, sums: dict[str, str] | None) -> np.ndarray:
+    """The images as uint8 rows: a view of the decompressed file, checked whole."""
     data = _read_idx_bytes(path, sums)
     n, rows, cols = _parse_header(path, data, IMAGES_MAGIC, 3)
     if (rows, cols) != (ROWS, COLS):
         raise DataError(f"{path}: images are {rows}x{cols}, expected {ROWS}x{COLS}")
-    pixels = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows * cols)
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows * cols)
+
+
+def _to_float(pixels: np.ndarray) -> np.ndarray:
     X = pixels.astype(np.float32)
     X /= np.float32(255)
     return X
@@ -294,7 +298,7 @@ def _load_labels(path: Path, sums: dict[str, str] | None) -> np.ndarray:
 
 
 def _load_split(
-    directory: Path, images: str, labels: str, sums: dict[str, str] | None
+    directory: Path, images: str, labels: str, sums: dict[str, str] | None, first: int
 ) -> tuple[np.ndarray, np.ndarray]:
     ipath = find_file(directory, images)
     lpath = find_file(directory, labels)
@@ -302,13 +306,14 @@ def _load_split(
         if p is None:
             raise DataError(f"{directory / name}: missing; {_FETCH_HINT}")
     assert ipath is not None and lpath is not None
-    X = _load_images(ipath, sums)
+    pixels = _load_images(ipath, sums)
     y = _load_labels(lpath, sums)
-    if X.shape[0] != y.shape[0]:
+    if pixels.shape[0] != y.shape[0]:
         raise DataError(
-            f"{lpath}: has {y.shape[0]} labels but {ipath.name} has {X.shape[0]} images"
+            f"{lpath}: has {y.shape[0]} labels but {ipath.name} has {pixels.shape[0]} images"
         )
-    return X, y
+    n = first or len(y)
+    return _to_float(pixels[:n]), y[:n]
 
 
 def load_mnist(
@@ -317,6 +322,8 @@ def load_mnist(
     verify: bool = True,
     download: bool = False,
     mirrors: Sequence[str] | None = None,
+    train_subset: int = 0,
+    test_subset: int = 0,
 ) -> MNIST:
     """Load the four MNIST files as float32 pixels in [0, 1] and uint8 labels.
 
@@ -324,14 +331,18 @@ def load_mnist(
     the file, else against the known MNIST checksums; a file neither covers is
     an error.  False loads unverified data (an explicit opt-out).
     `download`: fetch the files into the chosen directory first if any is missing.
+    `train_subset` / `test_subset` (0: all): only the first N images of a split
+    are returned.  The files are still read, verified and checked whole; only
+    the float copy is cut (all 60000 training images are 188 MB of float32,
+    made by every rank of a job, most of which train on a few thousand).
     """
     directory = choose_data_dir(data_dir)
     if download and (not directory.is_dir() or _missing_files(directory)):
         _download(directory, DEFAULT_MIRRORS if mirrors is None else tuple(mirrors), timeout=30)
     directory = resolve_data_dir(directory)
     sums = read_sums(directory) if verify else None
-    X_train, y_train = _load_split(directory, TRAIN_IMAGES, TRAIN_LABELS, sums)
-    X_test, y_test = _load_split(directory, TEST_IMAGES, TEST_LABELS, sums)
+    X_train, y_train = _load_split(directory, TRAIN_IMAGES, TRAIN_LABELS, sums, train_subset)
+    X_test, y_test = _load_split(directory, TEST_IMAGES, TEST_LABELS, sums, test_subset)
     return MNIST(X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test)
 
 

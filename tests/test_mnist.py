@@ -96,6 +96,21 @@ def ds() -> mnist.MNIST:
 # --------------------------------------------------------------------------- the real data
 
 
+def test_a_subset_is_the_first_images_of_the_whole_files(ds: mnist.MNIST) -> None:
+    """`train_subset`/`test_subset` cut only the float copy: the same arrays as the whole
+    load's first rows (the files are still verified and checked whole)."""
+    part = mnist.load_mnist(train_subset=700, test_subset=300)
+    for got, whole, n in (
+        (part.X_train, ds.X_train, 700),
+        (part.y_train, ds.y_train, 700),
+        (part.X_test, ds.X_test, 300),
+        (part.y_test, ds.y_test, 300),
+    ):
+        assert got.shape[0] == n and got.dtype == whole.dtype
+        np.testing.assert_array_equal(got, whole[:n])
+    assert part.X_train.flags.c_contiguous
+
+
 def test_vendored_data_loads(ds: mnist.MNIST) -> None:
     assert ds.X_train.shape == (60000, 784)
     assert ds.X_test.shape == (10000, 784)
