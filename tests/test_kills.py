@@ -92,7 +92,8 @@ def test_slow_local_phase_set_up_is_not_taken_for_a_dead_server(tmp_path, job):
 def test_killed_before_mpi_init_the_others_do_not_wait_for_ever(tmp_path, job, monkeypatch):
     """The others wait inside MPI_Init, in C; the start-up bound (common/boot.py) ends them."""
     monkeypatch.setenv("DBNPS_TEST_DIE_BEFORE_MPI", "2")
-    monkeypatch.setenv("DBNPS_STARTUP_TIMEOUT_S", "15")
+    # Any bound shows it (without one this waits for ever); each second of it is idle time.
+    monkeypatch.setenv("DBNPS_STARTUP_TIMEOUT_S", "5")
     cfg = write_config(tmp_path / "b.toml", CFG)
     res = job(cfg, workers=3, timeout=100)  # TimeoutExpired here is the hang this prevents
     assert res.rc != 0

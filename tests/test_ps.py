@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMALL, assert_exact, exactness_case, write_config
+from conftest import SMALL, assert_exact, exactness_case, run_job, write_config
 
 from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
@@ -55,12 +55,36 @@ def test_exactness_one_worker_matches_single_process(tmp_path, job, mode):
     assert_exact(job(cfg_path, workers=1), local, init)
 
 
-@pytest.mark.parametrize(("servers", "mode"), [(1, "apply"), (2, "apply"), (1, "accumulate")])
-def test_conservation_with_three_workers(tmp_path, job, servers, mode):
-    cfg_path = synthetic_cfg(tmp_path, mode=mode)
-    res = job(
-        cfg_path, workers=3, servers=servers, worker_args=("--inject-synthetic-grad", "0.001")
-    )
+NAN_WORKER_1 = ("--inject-nan-worker", "1", "--inject-nan-every", "2")
+
+
+@pytest.fixture(scope="module")
+def synthetic_job(tmp_path_factory):
+    """One real job per (servers, mode, NaN pushes) for the whole module: 3 workers push
+    constant gradients (worker w: 0.001 (w + 1)) for 20 steps each.  The conservation and
+    the NaN tests read the same job's results instead of running one each."""
+    done = {}
+
+    def get(servers: int, mode: str, nan: bool):
+        key = (servers, mode, nan)
+        if key not in done:
+            tmp = tmp_path_factory.mktemp(f"syn-{servers}-{mode}-{'nan' if nan else 'ok'}")
+            cfg = synthetic_cfg(tmp, mode=mode)
+            args = ("--inject-synthetic-grad", "0.001", *(NAN_WORKER_1 if nan else ()))
+            res = run_job(cfg, tmp / "run", workers=3, servers=servers, worker_args=args)
+            done[key] = (cfg, res)
+        return done[key]
+
+    return get
+
+
+# With one server rank, worker 1 also pushes a NaN every 2nd step: conservation holds
+# with rejections among the pushes (and test_nan_pushes_... reads the same job).
+@pytest.mark.parametrize(
+    ("servers", "mode", "nan"), [(1, "apply", True), (2, "apply", False), (1, "accumulate", True)]
+)
+def test_conservation_with_three_workers(synthetic_job, servers, mode, nan):
+    cfg_path, res = synthetic_job(servers, mode, nan)
     assert res.rc == 0, res.output
     s = res.summary
     for w in s["workers"]:
@@ -78,25 +102,14 @@ def test_conservation_with_three_workers(tmp_path, job, servers, mode):
 
 
 @pytest.mark.parametrize("mode", ["apply", "accumulate"])
-def test_nan_pushes_rejected_while_others_train(tmp_path, job, mode):
-    cfg_path = synthetic_cfg(tmp_path, mode=mode)
-    res = job(
-        cfg_path,
-        workers=2,
-        worker_args=(
-            "--inject-synthetic-grad",
-            "0.001",
-            "--inject-nan-worker",
-            "1",
-            "--inject-nan-every",
-            "2",
-        ),
-    )
+def test_nan_pushes_rejected_while_others_train(synthetic_job, mode):
+    cfg_path, res = synthetic_job(1, mode, True)
     assert res.rc == 0, res.output
     s = res.summary
-    w0, w1 = s["workers"]
+    w0, w1, w2 = s["workers"]
     assert (w0["applied"], w0["rejected"]) == (20, 0)
     assert (w1["applied"], w1["rejected"]) == (10, 10)
+    assert (w2["applied"], w2["rejected"]) == (20, 0)
     assert s["rejected"] == {"nonfinite": 10}
     flat = final_params(res.run_dir)
     assert np.isfinite(flat).all()

@@ -26,8 +26,12 @@ CFG = {
     "model": {"sizes": [784, 64, 64]},
     "data": {"train_subset": 3000, "test_subset": 1000},
     "pretrain": {"epochs": 1.0},
-    # Long enough (~9000 updates) that a stop or a kill always lands mid-run.
-    "finetune": {"epochs": 300.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+    # Long enough (~1800 updates) that a stop or a kill always lands mid-run: the stop
+    # comes at the start of fine-tuning, the kill past version 300.  Test accuracy is
+    # flat from epoch 50 on (0.916 at 50, 0.914 at 100, 0.915 at 120 in one run); at 300
+    # epochs the two tests took 385 s of a 2128 s make test on a loaded machine (the
+    # resumed run and the baseline each train the whole schedule).
+    "finetune": {"epochs": 60.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
     "ps": {"step_timeout_s": 3.0},
     "run": {"checkpoint_every_updates": EVERY, "eval_every_epochs": 50.0},
 }

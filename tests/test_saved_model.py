@@ -44,8 +44,12 @@ def test_target_stop_saves_the_parameters_that_reached_the_target(tmp_path, job)
     assert s["test_accuracy"] == s["saved"]["eval_accuracy"]
     assert f"test accuracy {s['test_accuracy']:.4f}" in res.output.replace("accuracy:", "accuracy")
     assert close(saved_test_accuracy(cfg, res.run_dir), s["test_accuracy"], 1000)
-    # The stop came from the target, well before the 30 scheduled epochs.
-    assert s["history"][-1]["epoch"] < 30
+    # The stop came from the target, well before the 30 scheduled epochs, right after
+    # an evaluation that reached it; the job ended as done, with its model.
+    assert s["history"][-1]["epoch"] < 15, s["history"][-1]
+    assert any((h.get("test_accuracy") or 0) >= 0.8 for h in s["history"])
+    assert s["phase"] == "done" and "target accuracy" in res.output
+    assert (res.run_dir / "model.npz").is_file()
 
 
 def test_keep_best_selects_on_validation_and_reports_test(tmp_path, job):

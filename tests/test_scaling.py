@@ -1,4 +1,6 @@
-"""`psctl bench scaling` and the server's `[run] target_accuracy` early stop, on real tiny jobs."""
+"""`psctl bench scaling` on real tiny jobs, and `[run] target_accuracy`'s config check.
+
+The early stop itself: tests/test_saved_model.py (one job) and the bench runs below."""
 
 from __future__ import annotations
 
@@ -24,23 +26,6 @@ TINY = {
     "run": {"eval_every_epochs": 0.5},
 }
 TARGET = 0.6
-
-
-def test_target_accuracy_stops_the_job_early(tmp_path, job):
-    cfg = write_config(
-        tmp_path / "t.toml", {**TINY, "run": {**TINY["run"], "target_accuracy": TARGET}}
-    )
-    res = job(cfg, workers=2)
-    assert res.rc == 0, res.output
-    s = res.summary
-    ft = [h for h in s["history"] if h["phase"] == "finetune"]
-    assert ft, s["history"]
-    # stopped long before the 30 scheduled epochs, right after an evaluation >= target
-    assert max(h["epoch"] for h in ft) < 15, ft[-1]
-    assert any((h.get("test_accuracy") or 0) >= TARGET for h in ft)
-    assert s["phase"] == "done"
-    assert "target accuracy" in res.output
-    assert (res.run_dir / "model.npz").is_file()
 
 
 def test_target_accuracy_config_validation():
