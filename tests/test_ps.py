@@ -12,7 +12,7 @@ from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
 
 
-def synthetic_cfg(tmp_path, **ps):
+def synthetic_cfg(tmp_path, max_steps: int = 20, **ps):
     # Pretraining skipped: every push is a fine-tuning push over the whole vector.
     return write_config(
         tmp_path / "syn.toml",
@@ -21,7 +21,7 @@ def synthetic_cfg(tmp_path, **ps):
             "pretrain": {"epochs": 0.0},
             "finetune": {"epochs": 1000.0, "lr": 0.1, "momentum_start": 0.0, "momentum_final": 0.0},
             "ps": {"update_rule": "sgd", **ps},
-            "run": {"max_steps": 20},
+            "run": {"max_steps": max_steps},
         },
     )
 
@@ -118,8 +118,9 @@ def test_nan_pushes_rejected_while_others_train(synthetic_job, mode):
 
 @pytest.mark.parametrize("mode", ["apply", "accumulate"])
 def test_lagging_worker_pushes_beyond_tau_are_dropped(tmp_path, job, mode):
-    """Worker 1 sleeps 0.5 s per step while worker 0 pushes ~20 updates: tau = 4 drops its push."""
-    cfg_path = synthetic_cfg(tmp_path, staleness_bound=4, mode=mode)
+    """Worker 1 sleeps 0.5 s before each step while worker 0 pushes its 10 updates: tau = 4
+    drops worker 1's first push.  (10 steps, not 20: worker 1's sleeps are idle time.)"""
+    cfg_path = synthetic_cfg(tmp_path, max_steps=10, staleness_bound=4, mode=mode)
     res = job(
         cfg_path,
         workers=2,
