@@ -112,3 +112,25 @@ def _log(run_dir: Path) -> str:
         return "\n--- job.log ---\n" + (run_dir / "job.log").read_text()[-4000:]
     except OSError:
         return ""
+
+
+def run_mpi_job(
+    cfg: Path, run_dir: Path, *, servers: int = 1, workers: int = 2, extra=(), env=None
+) -> subprocess.CompletedProcess:
+    """A real mpiexec job of `cfg` into `run_dir` (extra server args allowed), run to its end."""
+    from dbnps.common.launcher import mpi_env
+    from dbnps.common.mnist import resolve_data_dir
+    from dbnps.jobs.launch import job_argv
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = job_argv(
+        cfg, workers, servers, resolve_data_dir(None), run_dir, extra_server_args=tuple(extra)
+    )
+    return subprocess.run(
+        argv,
+        env=mpi_env(env or dict(os.environ)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        errors="replace",
+    )

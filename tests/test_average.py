@@ -9,11 +9,11 @@ The math is in tests/unit/test_averaging.py.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 from conftest import write_config
+from jobctl import run_mpi_job
 
 from dbnps.common.config import load
 from dbnps.common.dbn import accuracy
@@ -33,20 +33,7 @@ CFG = {
 
 
 def _job(cfg: Path, run_dir: Path, *, extra=(), env=None):
-    from dbnps.common.launcher import mpi_env
-    from dbnps.common.mnist import resolve_data_dir
-    from dbnps.jobs.launch import job_argv
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    argv = job_argv(cfg, 2, 1, resolve_data_dir(None), run_dir, extra_server_args=tuple(extra))
-    return subprocess.run(
-        argv,
-        env=mpi_env(env or dict(os.environ)),
-        capture_output=True,
-        text=True,
-        timeout=150,
-        errors="replace",
-    )
+    return run_mpi_job(cfg, run_dir, extra=extra, env=env)
 
 
 def test_evaluations_and_the_saved_model_use_the_average(tmp_path, job):

@@ -12,11 +12,11 @@ state, phase, samples and evaluation position.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 from conftest import write_config
+from jobctl import run_mpi_job
 
 from dbnps.server.checkpoint.format import RULE_STATE_SERVER, load_checkpoint
 from dbnps.server.checkpoint.snapshot import AFTER_RESUME_ENV
@@ -33,22 +33,7 @@ CFG = {
 
 
 def _job(cfg: Path, run_dir: Path, *, servers: int, extra=(), env=None):
-    from dbnps.common.launcher import mpi_env
-    from dbnps.common.mnist import resolve_data_dir
-    from dbnps.jobs.launch import job_argv
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    argv = job_argv(
-        cfg, 2, servers, resolve_data_dir(None), run_dir, extra_server_args=tuple(extra)
-    )
-    return subprocess.run(
-        argv,
-        env=mpi_env(env or dict(os.environ)),
-        capture_output=True,
-        text=True,
-        timeout=150,
-        errors="replace",
-    )
+    return run_mpi_job(cfg, run_dir, servers=servers, extra=extra, env=env)
 
 
 def test_two_shard_resume_restores_every_shards_momentum_exactly(tmp_path):
