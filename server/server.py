@@ -351,6 +351,8 @@ class ParameterServer:
                 st.worker_rejected[p.worker] += 1
                 name = pr.RESULT_NAMES[res]
                 st.rejected[name] = st.rejected.get(name, 0) + 1
+        if self.topo.rank == 0 and st.nonfinite_in_a_row >= self.cfg.ps.max_nonfinite_in_a_row:
+            self._check_divergence()  # at the push that reached the limit, not a tick later
 
     # -- accumulate mode: workers applied their own increments --------------
     def _follow_header(self) -> None:
