@@ -153,6 +153,9 @@ class Topology:
     n_servers: int
     n_workers: int
     rank: int
+    # Every rank on this rank's node (MPI_COMM_TYPE_SHARED): the windows are
+    # shared memory (osc/sm) and a target needs no MPI calls for its RMA to progress.
+    one_node: bool = True
 
     @property
     def is_server(self) -> bool:
@@ -170,7 +173,10 @@ class Topology:
         n_servers = roles.count("server")
         if roles[:n_servers] != ["server"] * n_servers or n_servers == 0:
             raise RuntimeError(f"servers must be ranks 0..S-1 and S >= 1, got roles {roles}")
-        return cls(comm, n_servers, len(roles) - n_servers, comm.Get_rank())
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        one_node = comm.allreduce(node.Get_size() == comm.Get_size(), op=MPI.LAND)
+        node.Free()
+        return cls(comm, n_servers, len(roles) - n_servers, comm.Get_rank(), bool(one_node))
 
 
 class Windows:

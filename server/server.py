@@ -46,6 +46,10 @@ MAX_HISTORY = 5000  # entries kept in the status/summary history (the oldest go 
 # mailboxes is a wake-up (~12-20 us of CPU here), and bookkeeping on each of them
 # cost as much again.  Phase ends are decided in serve(), not here.
 TICK_S = 5e-3
+# When the ranks span nodes, the loop's longest sleep: Open MPI's one-sided path
+# over TCP moves a worker's Get/Put/atomics only while the target is in an MPI
+# call (common/wakeup.py), so every look is as close as inside a due window.
+PROGRESS_S = 5e-5
 
 
 class ParameterServer:
@@ -142,7 +146,12 @@ class ParameterServer:
         self.state.phase_samples = self.schedule.samples(first)
         self._shard_state_restored(resume)
         topo.comm.Barrier()  # parameters and phase are set before any worker pulls
-        self.log(f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s)")
+        where = (
+            "one node" if topo.one_node else f"several nodes (polls every {PROGRESS_S * 1e3:g} ms)"
+        )
+        self.log(
+            f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s), {where}"
+        )
         self.log(f"[server] phase {layout.phase_name(first)} starts")
 
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
@@ -468,7 +477,9 @@ class ParameterServer:
         """
         st = self.state
         tighten_timer_slack()  # a 50 us sleep is 50 us, not 100
-        wake = self.wakeup = Wakeup(self.topo.n_workers)
+        # Across hosts the workers' RMA moves only while this loop is in MPI: poll.
+        progress = 0.0 if self.topo.one_node else PROGRESS_S
+        wake = self.wakeup = Wakeup(self.topo.n_workers, progress_s=progress)
         st.forecast = wake.seen
         cpu_start, last_tick = time.thread_time(), 0.0
         while True:

@@ -56,6 +56,16 @@ def test_sleep_is_capped_so_an_early_push_waits_at_most_max_sleep():
     assert w.delay(last) == pytest.approx(2e-3)
 
 
+def test_across_hosts_no_sleep_is_longer_than_the_progress_poll():
+    """Over TCP the workers' RMA moves only while the server is in MPI: with
+    progress_s set, neither a forecast sleep nor the back-off may exceed it."""
+    w = Wakeup(2, fine_s=5e-5, max_sleep_s=5e-3, progress_s=1e-4)
+    assert max(w.delay(0.0) for _ in range(10)) == pytest.approx(1e-4)  # back-off capped
+    last = steady(w, 0, 0.050, 5)
+    assert w.delay(last) == pytest.approx(1e-4)  # 50 ms until the forecast: still 0.1 ms
+    assert Wakeup(1, fine_s=5e-5, max_sleep_s=5e-3).delay(0.0) == pytest.approx(5e-5)
+
+
 def test_jitter_widens_the_margin_up_to_a_quarter_period():
     w = Wakeup(1, fine_s=5e-5, max_sleep_s=1.0, jitter_factor=3.0)
     t = 0.0
