@@ -33,8 +33,11 @@ test-tools:
 demo: install
 	$(BIN)/psctl run --config configs/demo.toml --workers 2
 
+# Two test processes: the suite spends most of its time waiting (MPI start-up,
+# heartbeats, timeouts; ~36% of 2 cores busy when serial), and one file stays on one
+# process (its module-scoped job fixtures and netns hosts are built once).
 test: install test-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .
