@@ -90,13 +90,17 @@ class PSConfig:
     # The K training workers share the configured batch: each step is batch_size / K
     # samples and the server counts a push of n samples as n / batch_size of a step
     # (momentum mu^w, lr scaled to keep lr / (1 - mu) per sample): K pushes ~ one step.
-    split_batch: bool = False
+    # "auto": from SHARE_BATCH_FROM workers on, in apply mode (whole batches are K
+    # batches stale, which broke momentum SGD from K = 4 in docs/benchmarks.md's
+    # study); "on" (TOML true) / "off" (false): always / never.  `shares_batch(K)`.
+    split_batch: str = "auto"
     # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
     # (staleness-aware lr, Zhang et al. IJCAI 2016); "compensate": the momentum (and,
     # past 1/(1 - momentum) effective workers, the lr) is lowered by the asynchrony's
     # implicit momentum at the running mean staleness (server/handle.compensate);
-    # "none": every push weighs 1 and the schedule's lr and momentum apply as they are.
-    staleness_lr: str = "none"
+    # "none": every push weighs 1 and the schedule's lr and momentum apply as they are;
+    # "auto": "compensate" when the batch is shared, else "none".  `staleness_rule(K)`.
+    staleness_lr: str = "auto"
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
@@ -114,6 +118,18 @@ class PSConfig:
     average_decay: float = 0.999
     average_every: int = 10
     average_start_epoch: float = 0.0
+
+    def shares_batch(self, n_workers: int) -> bool:
+        """Do `n_workers` training workers share the batch (`split_batch` resolved)?"""
+        if self.split_batch == "auto":
+            return self.mode == "apply" and n_workers >= SHARE_BATCH_FROM
+        return self.split_batch == "on"
+
+    def staleness_rule(self, n_workers: int) -> str:
+        """The server's staleness rule for `n_workers` workers (`staleness_lr` resolved)."""
+        if self.staleness_lr == "auto":
+            return "compensate" if self.shares_batch(n_workers) else "none"
+        return self.staleness_lr
 
     def every(self, *, pretraining: bool) -> tuple[int, int]:
         """(n_fetch, n_push) of a pretraining or a fine-tuning phase."""
@@ -154,10 +170,18 @@ class Config:
 
 UPDATE_RULES = ("sgd", "momentum", "adagrad")
 PS_MODES = ("apply", "accumulate")
+# `[ps] split_batch = "auto"` shares the batch from this many workers on: measured, whole
+# batches reach 98% validation at K = 1 and 2 and never at K = 4 (docs/benchmarks.md,
+# "Statistical efficiency vs workers"); K = 3 was not measured.
+SHARE_BATCH_FROM = 4
+# Keys that take "on"/"off" and, as TOML booleans, true/false (older configs).
+_ON_OFF_KEYS = {("ps", "split_batch")}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     where = f"[{section}] {key}"
+    if (section, key) in _ON_OFF_KEYS and isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -265,11 +289,11 @@ def validate(cfg: Config) -> None:
     for key in ("solo_epochs", "pretrain_solo_epochs"):
         _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: no warm start)")
     _check(
-        p.staleness_lr in ("none", "inverse", "compensate"),
-        f"[ps] staleness_lr must be one of none, inverse, compensate, got {p.staleness_lr!r}",
+        p.staleness_lr in ("auto", "none", "inverse", "compensate"),
+        f"[ps] staleness_lr must be one of auto, none, inverse, compensate, got {p.staleness_lr!r}",
     )
     _check(
-        p.staleness_lr == "none" or p.mode == "apply",
+        p.staleness_lr in ("auto", "none") or p.mode == "apply",
         f'[ps] staleness_lr = "{p.staleness_lr}" needs mode = "apply" (the server applies '
         "the pushes)",
     )
@@ -288,7 +312,11 @@ def validate(cfg: Config) -> None:
         f"[ps] average_start_epoch must be >= 0, got {p.average_start_epoch}",
     )
     _check(
-        not p.split_batch or p.mode == "apply",
+        p.split_batch in ("auto", "on", "off"),
+        f"[ps] split_batch must be auto, on (true) or off (false), got {p.split_batch!r}",
+    )
+    _check(
+        p.split_batch != "on" or p.mode == "apply",
         '[ps] split_batch needs mode = "apply" (the server weighs each push by its samples)',
     )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")

@@ -103,8 +103,8 @@ class ParameterServer:
         self.handle = handle or Aggregate(
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
-            staleness_lr=cfg.ps.staleness_lr,
-            split_batch=cfg.ps.split_batch,
+            staleness_lr=cfg.ps.staleness_rule(topo.n_workers),
+            split_batch=cfg.ps.shares_batch(topo.n_workers),
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # [ps] average: a running average of the fine-tuning parameters (one server rank,
@@ -152,6 +152,11 @@ class ParameterServer:
         self.log(
             f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s), {where}"
         )
+        if cfg.ps.mode == "apply" and topo.n_workers > 1:
+            batch = "shared by the workers" if cfg.ps.shares_batch(topo.n_workers) else "whole"
+            self.log(
+                f"[server] batches {batch}, staleness rule {cfg.ps.staleness_rule(topo.n_workers)}"
+            )
         self.log(f"[server] phase {layout.phase_name(first)} starts")
 
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):

@@ -47,6 +47,8 @@ def test_load_toml(tmp_path: Path) -> None:
         ({"pretrain": {"lr": -0.1}}, "[pretrain] lr"),
         ({"ps": {"staleness_lr": "half"}}, "[ps] staleness_lr"),
         ({"ps": {"staleness_lr": "compensate", "mode": "accumulate"}}, "[ps] staleness_lr"),
+        ({"ps": {"split_batch": "maybe"}}, "[ps] split_batch"),
+        ({"ps": {"split_batch": True, "mode": "accumulate"}}, "[ps] split_batch"),
         ({"finetune": {"lr": 0}}, "[finetune] lr"),
         ({"pretrain": {"lr": "fast"}}, "[pretrain] lr"),
         ({"pretrain": {"lr": float("nan")}}, "[pretrain] lr"),

@@ -298,9 +298,15 @@ def test_warm_start_on_real_data_trains_the_whole_set_then_the_shards(tmp_path, 
     assert res.summary["test_accuracy"] > 0.8, res.summary["test_accuracy"]
 
 
-def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job):
-    """[ps] split_batch: 3 workers take steps of 100 / 3 = 33 samples, the server weighs
-    each push by 33/100 of a step (unit-tested math), and the job learns."""
+@pytest.mark.parametrize(
+    ("ps", "workers", "per_step", "rule"),
+    [({"split_batch": True}, 3, 33, "compensate"), ({}, 4, 25, "compensate")],
+    ids=["on-3-workers", "auto-4-workers"],
+)
+def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job, ps, workers, per_step, rule):
+    """[ps] split_batch: K workers take steps of 100 / K samples, the server weighs each
+    push by that part of a step (unit-tested math), and the job learns: "on" at K = 3,
+    the default "auto" from K = 4; staleness_lr "auto" is compensate when shared."""
     cfg_path = write_config(
         tmp_path / "split.toml",
         {
@@ -309,16 +315,17 @@ def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job):
             "pretrain": {"epochs": 1.0},
             "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
             "run": {"eval_every_epochs": 3.0},
-            "ps": {"split_batch": True},
+            "ps": ps,
         },
     )
-    res = job(cfg_path, workers=3)
+    res = job(cfg_path, workers=workers)
     assert res.rc == 0, res.output[-3000:]
+    assert f"batches shared by the workers, staleness rule {rule}" in res.output
     s = res.summary
     for w in s["workers"]:
-        assert w["samples"] == 33 * w["steps"], s["workers"]
-    # 7 epochs of 3000 images in pushes of 33: ~3 x the 210 pushes of whole batches
-    assert s["applied"] >= 7 * 3000 // 33 - 3, s["applied"]
+        assert w["samples"] == per_step * w["steps"], s["workers"]
+    # 7 epochs of 3000 images in pushes of 100 / K: ~K x the 210 pushes of whole batches
+    assert s["applied"] >= 7 * 3000 // per_step - workers, s["applied"]
     assert s["test_accuracy"] > 0.8, s["test_accuracy"]
 
 

@@ -178,7 +178,7 @@ class Worker:
         if self.faults.synthetic_grad is None:
             X, y = shard(self.X_all, self.y_all, *part)
             self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
-            if self.cfg.ps.split_batch:  # the live workers share the batch
+            if self.cfg.ps.shares_batch(self.topo.n_workers):  # the live workers share the batch
                 self.sampler.split = part[1]
         return True
 
