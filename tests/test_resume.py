@@ -129,8 +129,10 @@ def test_sigkill_of_the_server_restarts_from_the_last_checkpoint(tmp_path):
         f"{lost} updates lost; serving again after {back_s:.1f}s"
     )
     # One interval: a checkpoint is due once EVERY versions have passed; a batch of pushes
-    # applied together can overshoot it by K - 1 = 1.
-    assert 0 <= lost <= EVERY + 1, (seen, from_version)
+    # applied together can overshoot it by K - 1 = 1.  `seen` is read before the kill
+    # lands, so the job can pass it and checkpoint once more first (lost < 0: seen 391,
+    # resumed from 409 under two test processes on 2 cores).
+    assert lost <= EVERY + 1, (seen, from_version)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["phase"] == "done"
     assert summary["test_accuracy"] >= 0.85, summary["test_accuracy"]
