@@ -122,3 +122,13 @@ def assert_exact(res: JobResult, local, init) -> None:
     _, params, _, _ = load_model(res.run_dir / "model.npz")
     np.testing.assert_allclose(params.flat, local, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(local, init), "no training happened"
+
+
+def assert_exit_ok(res) -> None:
+    """rc 0, or rc 4 with only `rma.finalize_mpi`'s line: after a rank died, MPI_Finalize's
+    PMIx fence sometimes waits for it (Open MPI's, not ours); the results are written first."""
+    assert "Traceback" not in res.output, res.output[-3000:]
+    assert res.rc in (0, 4), res.output[-3000:]
+    if res.rc == 4:
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert errors and all("MPI_Finalize" in e for e in errors), errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import kill_server_rank, write_config
+from conftest import assert_exit_ok, kill_server_rank, write_config
 
 
 def test_sigkill_of_one_worker_job_completes(tmp_path, job):
@@ -25,7 +25,7 @@ def test_sigkill_of_one_worker_job_completes(tmp_path, job):
     res = job(
         cfg_path, workers=3, worker_args=("--inject-die-worker", "1", "--inject-die-after", "30")
     )
-    assert res.rc == 0, res.output
+    assert_exit_ok(res)
     s = res.summary
     assert s["phase"] == "done"
     assert s["dead_workers"] == [1]
