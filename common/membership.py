@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from dbnps.common.protocol import HEARTBEAT, LOSS, ST_WORDS, STATE, STATE_DONE, STATE_RUNNING
+from dbnps.common.protocol import (
+    HEARTBEAT,
+    LOSS,
+    ST_WORDS,
+    STATE,
+    STATE_DONE,
+    STATE_RUNNING,
+    STEPS,
+)
 
 
 class Membership:
@@ -59,9 +67,12 @@ class Membership:
 
     @property
     def loss(self) -> float:
-        """Mean training loss over the workers that have reported (NaN before any)."""
-        seen = self.stats[:, HEARTBEAT] > 0
-        return float(np.mean(self.stats[seen, LOSS])) if seen.any() else float("nan")
+        """Mean training loss over the workers that have taken a step (NaN before any).
+
+        A worker that reports before its first step (a warm start's waiting
+        workers) has no loss yet: its NaN word must not make the mean NaN."""
+        stepped = self.stats[:, STEPS] > 0
+        return float(np.mean(self.stats[stepped, LOSS])) if stepped.any() else float("nan")
 
 
 def live_shard(me: int, dead: set[int], n_workers: int) -> tuple[int, int] | None:

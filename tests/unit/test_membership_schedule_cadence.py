@@ -10,11 +10,13 @@ from dbnps.common.membership import Membership, live_shard, solo_worker
 from dbnps.common.protocol import (
     DEAD,
     HEARTBEAT,
+    LOSS,
     MEMBERS,
     ST_WORDS,
     STATE,
     STATE_DONE,
     STATE_RUNNING,
+    STEPS,
     Header,
     dead_set,
     header_words,
@@ -48,6 +50,23 @@ def test_a_worker_that_never_reports_counts_from_the_server_start():
     assert m.state(0) == "starting" and m.up(0)  # the one rule: starting counts as up
     assert [w for w, _ in m.observe(stats, now=106.0)] == [0]
     assert not m.up(0) and m.up(1) and not m.all_left
+
+
+def test_the_mean_loss_skips_workers_that_have_not_stepped():
+    """A warm start's waiting workers heartbeat with no loss yet (NaN): the log said
+    `loss nan` for every solo pretraining phase at K = 32."""
+    m = Membership(3, timeout_s=5.0, start_time=100.0)
+    stats = rows([101, 101, 101], [STATE_RUNNING] * 3)
+    stats[:, LOSS] = [0.25, np.nan, np.nan]
+    stats[:, STEPS] = [40, 0, 0]
+    m.observe(stats, now=102.0)
+    assert m.loss == pytest.approx(0.25)
+    stats[1, LOSS], stats[1, STEPS] = 0.75, 3
+    m.observe(stats, now=102.0)
+    assert m.loss == pytest.approx(0.5)
+    stats[:, STEPS] = 0
+    m.observe(stats, now=102.0)
+    assert np.isnan(m.loss)
 
 
 def test_dead_workers_shards_are_redealt_over_the_survivors():
