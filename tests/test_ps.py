@@ -11,6 +11,15 @@ from conftest import SMALL, assert_exact, exactness_case, run_job, write_config
 from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
 
+# A job that learns in seconds: 784-64 on 3000 images, 1 CD epoch, 6 fine-tuning epochs.
+LEARNS = {
+    "model": {"sizes": [784, 64]},
+    "data": {"train_subset": 3000, "test_subset": 500},
+    "pretrain": {"epochs": 1.0},
+    "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
+    "run": {"eval_every_epochs": 3.0},
+}
+
 
 def synthetic_cfg(tmp_path, max_steps: int = 20, **ps):
     # Pretraining skipped: every push is a fine-tuning push over the whole vector.
@@ -283,11 +292,7 @@ def test_warm_start_on_real_data_trains_the_whole_set_then_the_shards(tmp_path, 
     cfg_path = write_config(
         tmp_path / "solo-real.toml",
         {
-            "model": {"sizes": [784, 64]},
-            "data": {"train_subset": 3000, "test_subset": 500},
-            "pretrain": {"epochs": 1.0},
-            "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
-            "run": {"eval_every_epochs": 3.0},
+            **LEARNS,
             "ps": {"pretrain_solo_epochs": 0.5, "solo_epochs": 2.0},
         },
     )
@@ -310,11 +315,7 @@ def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job, ps, workers,
     cfg_path = write_config(
         tmp_path / "split.toml",
         {
-            "model": {"sizes": [784, 64]},
-            "data": {"train_subset": 3000, "test_subset": 500},
-            "pretrain": {"epochs": 1.0},
-            "finetune": {"epochs": 6.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
-            "run": {"eval_every_epochs": 3.0},
+            **LEARNS,
             "ps": ps,
         },
     )
@@ -356,9 +357,7 @@ def test_staleness_aware_lr_job_learns_with_three_workers(tmp_path, job, rule):
     cfg_path = write_config(
         tmp_path / "inv.toml",
         {
-            "model": {"sizes": [784, 64]},
-            "data": {"train_subset": 3000, "test_subset": 500},
-            "pretrain": {"epochs": 1.0},
+            **LEARNS,
             # 6 epochs at lr 0.3 gave 0.49-0.75 on a quiet machine (3 async workers on
             # 2 cores); 20 epochs with momentum from epoch 1 learn clear of the bar.
             "finetune": {"epochs": 20.0, "lr": 0.3, "momentum_switch_epoch": 1.0},
