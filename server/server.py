@@ -572,10 +572,9 @@ class ParameterServer:
         if st.nonfinite_in_a_row >= limit:
             why = f"{st.nonfinite_in_a_row} pushes in a row had non-finite gradients"
         else:
-            stats = st.worker_stats
-            stepped = stats[:, pr.STEPS] > 0  # a loss was computed and reported
-            loss = float(np.mean(stats[stepped, pr.LOSS])) if stepped.any() else 0.0
-            bound = self.cfg.run.max_loss
+            if not (st.worker_stats[:, pr.STEPS] > 0).any():
+                return  # no loss computed yet
+            loss, bound = st.loss, self.cfg.run.max_loss  # the mean over workers that stepped
             if not (loss > bound or loss != loss):
                 return
             why = f"the workers' mean loss is {loss:.4g} (bound [run] max_loss = {bound:g})"

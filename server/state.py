@@ -94,7 +94,7 @@ class ServerState:
     worker_stats = property(lambda self: self.members.stats)
     worker_alive = property(lambda self: self.members.alive)
     heartbeat_age = property(lambda self: self.members.heartbeat_age)
-    loss = property(lambda self: self.members.loss)  # mean over the workers that reported
+    loss = property(lambda self: self.members.loss)  # mean over the workers that stepped
 
     @property
     def phase_name(self) -> str:
