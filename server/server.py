@@ -100,11 +100,16 @@ class ParameterServer:
         )
         self.schedule = PhaseSchedule(cfg, layout.n_layers, n_train)
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
+        # [ps] split_batch / staleness_lr as they resolve for this many workers ("auto")
+        shared, staleness_rule = (
+            cfg.ps.shares_batch(topo.n_workers),
+            cfg.ps.staleness_rule(topo.n_workers),
+        )
         self.handle = handle or Aggregate(
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
-            staleness_lr=cfg.ps.staleness_rule(topo.n_workers),
-            split_batch=cfg.ps.shares_batch(topo.n_workers),
+            staleness_lr=staleness_rule,
+            split_batch=shared,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # [ps] average: a running average of the fine-tuning parameters (one server rank,
@@ -153,10 +158,8 @@ class ParameterServer:
             f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s), {where}"
         )
         if cfg.ps.mode == "apply" and topo.n_workers > 1:
-            batch = "shared by the workers" if cfg.ps.shares_batch(topo.n_workers) else "whole"
-            self.log(
-                f"[server] batches {batch}, staleness rule {cfg.ps.staleness_rule(topo.n_workers)}"
-            )
+            batch = "shared by the workers" if shared else "whole"
+            self.log(f"[server] batches {batch}, staleness rule {staleness_rule}")
         self.log(f"[server] phase {layout.phase_name(first)} starts")
 
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
