@@ -9,7 +9,6 @@ The math is in tests/unit/test_averaging.py.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from conftest import write_config
@@ -30,10 +29,6 @@ CFG = {
     "ps": {"average": "ema", "average_decay": 0.99, "average_every": 2, "step_timeout_s": 10.0},
     "run": {"eval_every_epochs": 0.5, "keep_best": True},
 }
-
-
-def _job(cfg: Path, run_dir: Path, *, extra=(), env=None):
-    return run_mpi_job(cfg, run_dir, extra=extra, env=env)
 
 
 def test_evaluations_and_the_saved_model_use_the_average(tmp_path, job):
@@ -65,7 +60,7 @@ def test_resume_restores_the_average_exactly(tmp_path):
     cfg = write_config(
         tmp_path / "cfg.toml", {**CFG, "run": {"checkpoint_every_updates": 20, "keep_best": True}}
     )
-    first = _job(cfg, tmp_path / "first", extra=("--keep-checkpoints", "50"))
+    first = run_mpi_job(cfg, tmp_path / "first", extra=("--keep-checkpoints", "50"))
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     picked = None
     for p in sorted(
@@ -81,7 +76,7 @@ def test_resume_restores_the_average_exactly(tmp_path):
 
     after = tmp_path / "after"
     env = dict(os.environ, **{AFTER_RESUME_ENV: str(after)})
-    second = _job(cfg, tmp_path / "second", extra=("--resume", str(picked)), env=env)
+    second = run_mpi_job(cfg, tmp_path / "second", extra=("--resume", str(picked)), env=env)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     [back] = after.glob("ckpt-*.npz")
     _, _, meta2 = load_checkpoint(back)

@@ -12,7 +12,6 @@ state, phase, samples and evaluation position.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from conftest import write_config
@@ -32,13 +31,9 @@ CFG = {
 }
 
 
-def _job(cfg: Path, run_dir: Path, *, servers: int, extra=(), env=None):
-    return run_mpi_job(cfg, run_dir, servers=servers, extra=extra, env=env)
-
-
 def test_two_shard_resume_restores_every_shards_momentum_exactly(tmp_path):
     cfg = write_config(tmp_path / "cfg.toml", CFG)
-    first = _job(cfg, tmp_path / "first", servers=2, extra=("--keep-checkpoints", "50"))
+    first = run_mpi_job(cfg, tmp_path / "first", servers=2, extra=("--keep-checkpoints", "50"))
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     ckpts = sorted(
         (tmp_path / "first" / "checkpoints").glob("ckpt-*.npz"), key=lambda p: int(p.stem[5:])
@@ -61,7 +56,9 @@ def test_two_shard_resume_restores_every_shards_momentum_exactly(tmp_path):
 
     after = tmp_path / "after"
     env = dict(os.environ, **{AFTER_RESUME_ENV: str(after)})
-    second = _job(cfg, tmp_path / "second", servers=2, extra=("--resume", str(picked)), env=env)
+    second = run_mpi_job(
+        cfg, tmp_path / "second", servers=2, extra=("--resume", str(picked)), env=env
+    )
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     [back] = after.glob("ckpt-*.npz")
     params2, rule2, meta2 = load_checkpoint(back)
@@ -78,7 +75,7 @@ def test_resume_with_another_server_count_takes_each_ranks_slice(tmp_path):
     cfg = write_config(
         tmp_path / "cfg.toml", {**CFG, "finetune": {**CFG["finetune"], "epochs": 2.0}}
     )
-    first = _job(cfg, tmp_path / "first", servers=2, extra=("--keep-checkpoints", "50"))
+    first = run_mpi_job(cfg, tmp_path / "first", servers=2, extra=("--keep-checkpoints", "50"))
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     picked = max(
         (tmp_path / "first" / "checkpoints").glob("ckpt-*.npz"), key=lambda p: int(p.stem[5:])
@@ -86,7 +83,9 @@ def test_resume_with_another_server_count_takes_each_ranks_slice(tmp_path):
     params, rule, meta = load_checkpoint(picked)
     after = tmp_path / "after"
     env = dict(os.environ, **{AFTER_RESUME_ENV: str(after)})
-    second = _job(cfg, tmp_path / "second", servers=1, extra=("--resume", str(picked)), env=env)
+    second = run_mpi_job(
+        cfg, tmp_path / "second", servers=1, extra=("--resume", str(picked)), env=env
+    )
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     [back] = after.glob("ckpt-*.npz")
     params2, rule2, meta2 = load_checkpoint(back)
@@ -108,7 +107,7 @@ def test_accumulate_mode_says_the_workers_rule_state_is_not_saved(tmp_path):
         "ps": {**CFG["ps"], "mode": "accumulate"},
     }
     cfg = write_config(tmp_path / "cfg.toml", sections)
-    first = _job(cfg, tmp_path / "first", servers=1, extra=("--keep-checkpoints", "50"))
+    first = run_mpi_job(cfg, tmp_path / "first", servers=1, extra=("--keep-checkpoints", "50"))
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     ckpts = sorted(
         (tmp_path / "first" / "checkpoints").glob("ckpt-*.npz"), key=lambda p: int(p.stem[5:])
@@ -116,7 +115,7 @@ def test_accumulate_mode_says_the_workers_rule_state_is_not_saved(tmp_path):
     picked = next(p for p in ckpts if load_checkpoint(p)[2]["phase_name"] == "finetune")
     _, rule, meta = load_checkpoint(picked)
     assert meta["rule_state"] == RULE_STATE_WORKERS and rule == {}
-    second = _job(cfg, tmp_path / "second", servers=1, extra=("--resume", str(picked)))
+    second = run_mpi_job(cfg, tmp_path / "second", servers=1, extra=("--resume", str(picked)))
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert "accumulate mode: the workers' update-rule state is not in checkpoints" in out
