@@ -85,13 +85,15 @@ class PSConfig:
     # Warm start (DistBelief): the first solo_epochs of fine-tuning, and the first
     # pretrain_solo_epochs of each RBM, are trained by one worker (the lowest live
     # one) on the whole training set while the others wait; then all K on their shards.
+    # "auto" (pretrain_solo_epochs only): every pretraining epoch alone above
+    # WARM_START_ABOVE workers when they share the batch, else none.  `pretrain_solo(K)`.
     solo_epochs: float = 0.0
-    pretrain_solo_epochs: float = 0.0
+    pretrain_solo_epochs: float | str = "auto"
     # The K training workers share the configured batch: each step is batch_size / K
     # samples and the server counts a push of n samples as n / batch_size of a step
     # (momentum mu^w, lr scaled to keep lr / (1 - mu) per sample): K pushes ~ one step.
     # "auto": from SHARE_BATCH_FROM workers on, in apply mode (whole batches are K
-    # batches stale, which broke momentum SGD from K = 4 in docs/benchmarks.md's
+    # batches stale, which broke momentum SGD from K = 3 in docs/benchmarks.md's
     # study); "on" (TOML true) / "off" (false): always / never; "finetune": only in
     # fine-tuning (pretraining takes whole batches).  `shares_batch(K, pretraining=)`.
     split_batch: str = "auto"
@@ -134,6 +136,13 @@ class PSConfig:
         if self.split_batch == "finetune":
             return not pretraining
         return self.split_batch == "on"
+
+    def pretrain_solo(self, n_workers: int, pretrain_epochs: float) -> float:
+        """Epochs of each RBM one worker trains alone (`pretrain_solo_epochs` resolved)."""
+        if self.pretrain_solo_epochs != "auto":
+            return float(self.pretrain_solo_epochs)
+        many = n_workers > WARM_START_ABOVE and self.shares_batch(n_workers, pretraining=True)
+        return pretrain_epochs if many else 0.0
 
     def staleness_rule(self, n_workers: int, *, pretraining: bool = False) -> str:
         """The server's staleness rule in a pretraining / the fine-tuning phase for
@@ -183,17 +192,29 @@ class Config:
 UPDATE_RULES = ("sgd", "momentum", "adagrad")
 PS_MODES = ("apply", "accumulate")
 # `[ps] split_batch = "auto"` shares the batch from this many workers on: measured, whole
-# batches reach 98% validation at K = 1 and 2 and never at K = 4 (docs/benchmarks.md,
-# "Statistical efficiency vs workers"); K = 3 was not measured.
-SHARE_BATCH_FROM = 4
+# batches reach 98% validation at K = 1 and 2 and never at K = 3 (two seeds: best 91.9%
+# and 90.4% in 8 epochs) or K = 4 (docs/benchmarks.md, "Statistical efficiency vs workers").
+SHARE_BATCH_FROM = 3
+# `[ps] pretrain_solo_epochs = "auto"` pretrains on one worker above this many workers
+# sharing the batch: measured, K = 16 pretrained well on the shared batch for both seeds
+# run and K = 32 for one of two (a third RBM at 5x the loss, 98% validation never
+# reached); with every RBM pretrained alone K = 32 reached 98% for both
+# (docs/benchmarks.md, "The default rule").  K = 17..31 were not measured.
+WARM_START_ABOVE = 16
 # Keys that take "on"/"off" and, as TOML booleans, true/false (older configs).
 _ON_OFF_KEYS = {("ps", "split_batch")}
+# Number keys that also take the string "auto" (resolved per job).
+_AUTO_NUMBER_KEYS = {("ps", "pretrain_solo_epochs")}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     where = f"[{section}] {key}"
     if (section, key) in _ON_OFF_KEYS and isinstance(value, bool):
         return "on" if value else "off"
+    if (section, key) in _AUTO_NUMBER_KEYS:
+        if value == "auto":
+            return value
+        default = 0.0  # otherwise a number
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -299,7 +320,8 @@ def validate(cfg: Config) -> None:
         _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: as n_fetch/n_push)")
     _check(p.staleness_bound >= 0, f"[ps] staleness_bound must be >= 0, got {p.staleness_bound}")
     for key in ("solo_epochs", "pretrain_solo_epochs"):
-        _check(getattr(p, key) >= 0, f"[ps] {key} must be >= 0 (0: no warm start)")
+        value = getattr(p, key)
+        _check(value == "auto" or value >= 0, f"[ps] {key} must be >= 0 (0: no warm start)")
     _check(
         p.staleness_lr in ("auto", "none", "inverse", "compensate"),
         f"[ps] staleness_lr must be one of auto, none, inverse, compensate, got {p.staleness_lr!r}",

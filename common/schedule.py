@@ -43,13 +43,17 @@ def phase_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
     return round(phase_epochs(cfg, phase, n_layers) * n_train)
 
 
-def solo_samples(cfg: Config, phase: int, n_layers: int, n_train: int) -> int:
-    """Samples at the start of `phase` that one worker trains alone (the warm start).
+def solo_samples(cfg: Config, phase: int, n_layers: int, n_train: int, n_workers: int) -> int:
+    """Samples at the start of `phase` that one of `n_workers` trains alone (the warm start).
 
-    `[ps] pretrain_solo_epochs` for an RBM, `[ps] solo_epochs` for fine-tuning,
-    at most the whole phase; 0: every worker trains from the first sample.
+    `[ps] pretrain_solo_epochs` (resolved for n_workers) for an RBM, `[ps]
+    solo_epochs` for fine-tuning, at most the whole phase; 0: every worker
+    trains from the first sample.
     """
-    solo = cfg.ps.pretrain_solo_epochs if phase < n_layers else cfg.ps.solo_epochs
+    if phase < n_layers:
+        solo = cfg.ps.pretrain_solo(n_workers, cfg.pretrain.epochs)
+    else:
+        solo = cfg.ps.solo_epochs
     return round(min(solo, phase_epochs(cfg, phase, n_layers)) * n_train)
 
 

@@ -172,9 +172,11 @@ class ParameterServer:
             )
 
         pre, fine = self._batching[True], self._batching[False]
-        if pre == fine:
-            return say(*fine)
-        return f"pretraining: {say(*pre)}; fine-tuning: {say(*fine)}"
+        said = say(*fine) if pre == fine else f"pretraining: {say(*pre)}; fine-tuning: {say(*fine)}"
+        solo = self.cfg.ps.pretrain_solo(self.topo.n_workers, self.cfg.pretrain.epochs)
+        if solo > 0:
+            said += f"; one worker pretrains the first {solo:g} epochs of each RBM alone"
+        return said
 
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
         """Continue from a checkpoint: (params, phase, version, samples in phase).

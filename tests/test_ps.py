@@ -305,13 +305,13 @@ def test_warm_start_on_real_data_trains_the_whole_set_then_the_shards(tmp_path, 
 
 @pytest.mark.parametrize(
     ("ps", "workers", "per_step", "rule"),
-    [({"split_batch": True}, 3, 33, "compensate"), ({}, 4, 25, "compensate")],
-    ids=["on-3-workers", "auto-4-workers"],
+    [({"split_batch": True}, 2, 50, "compensate"), ({}, 3, 33, "compensate")],
+    ids=["on-2-workers", "auto-3-workers"],
 )
 def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job, ps, workers, per_step, rule):
     """[ps] split_batch: K workers take steps of 100 / K samples, the server weighs each
-    push by that part of a step (unit-tested math), and the job learns: "on" at K = 3,
-    the default "auto" from K = 4; staleness_lr "auto" is compensate when shared."""
+    push by that part of a step (unit-tested math), and the job learns: "on" at K = 2,
+    the default "auto" from K = 3; staleness_lr "auto" is compensate when shared."""
     cfg_path = write_config(
         tmp_path / "split.toml",
         {

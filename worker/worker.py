@@ -295,7 +295,9 @@ class Worker:
                 phase = info.phase
                 cadence = Cadence(*self.cfg.ps.every(pretraining=phase < layout.n_layers), self.acc)
                 prof = profile.phase(layout.phase_name(phase))
-                solo_n = solo_samples(self.cfg, phase, layout.n_layers, self.n_train)
+                solo_n = solo_samples(
+                    self.cfg, phase, layout.n_layers, self.n_train, self.topo.n_workers
+                )
             lo, hi = layout.phase_range(phase)
             sampler = self.sampler
             if info.samples < solo_n and self.topo.n_workers > 1:  # warm start: one trains alone

@@ -145,8 +145,34 @@ def test_warm_start_samples_per_phase_and_capped_by_the_phase():
         }
     )
     # 3 RBMs: the whole of each 2-epoch RBM alone (5 > 2), then 1.5 of 10 fine-tuning epochs
-    assert [solo_samples(cfg, p, 3, 1000) for p in range(4)] == [2000, 2000, 2000, 1500]
-    assert solo_samples(from_dict({}), 3, 3, 1000) == 0  # default: no warm start
+    assert [solo_samples(cfg, p, 3, 1000, 2) for p in range(4)] == [2000, 2000, 2000, 1500]
+    assert solo_samples(from_dict({}), 3, 3, 1000, 2) == 0  # default: no warm start
+
+
+@pytest.mark.parametrize(
+    ("k", "ps", "solo"),
+    [
+        (2, {}, 0),  # auto, whole batches
+        (16, {}, 0),  # auto, shared batch, at the measured limit
+        (17, {}, 2000),  # auto, above it: every pretraining epoch alone
+        (32, {}, 2000),
+        (32, {"split_batch": "off"}, 0),  # whole batches: auto does not warm-start
+        (32, {"split_batch": "finetune"}, 0),  # nor when pretraining takes whole batches
+        (32, {"pretrain_solo_epochs": 0.5}, 500),  # a number wins at any K
+        (32, {"pretrain_solo_epochs": 0}, 0),
+    ],
+)
+def test_auto_warm_start_pretrains_alone_above_sixteen_workers_sharing_the_batch(k, ps, solo):
+    cfg = from_dict({"pretrain": {"epochs": 2.0}, "ps": ps})
+    assert [solo_samples(cfg, p, 3, 1000, k) for p in range(3)] == [solo] * 3
+    assert solo_samples(cfg, 3, 3, 1000, k) == 0  # fine-tuning: solo_epochs (0)
+
+
+def test_pretrain_solo_epochs_takes_auto_or_a_number_only():
+    from dbnps.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pretrain_solo_epochs must be a number"):
+        from_dict({"ps": {"pretrain_solo_epochs": "half"}})
 
 
 def test_the_solo_worker_is_the_lowest_live_one():

@@ -7,16 +7,16 @@ import pytest
 from dbnps.common.config import SHARE_BATCH_FROM, from_dict
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_auto_keeps_whole_batches_and_no_staleness_rule_below_four_workers(k):
+@pytest.mark.parametrize("k", [1, 2])
+def test_auto_keeps_whole_batches_and_no_staleness_rule_below_three_workers(k):
     ps = from_dict({}).ps
     assert (ps.shares_batch(k), ps.staleness_rule(k)) == (False, "none")
 
 
-@pytest.mark.parametrize("k", [4, 8, 32])
-def test_auto_shares_the_batch_and_compensates_from_four_workers(k):
+@pytest.mark.parametrize("k", [3, 4, 8, 32])
+def test_auto_shares_the_batch_and_compensates_from_three_workers(k):
     ps = from_dict({}).ps
-    assert SHARE_BATCH_FROM == 4
+    assert SHARE_BATCH_FROM == 3
     assert (ps.shares_batch(k), ps.staleness_rule(k)) == (True, "compensate")
 
 
