@@ -94,23 +94,16 @@ class PSConfig:
     # (momentum mu^w, lr scaled to keep lr / (1 - mu) per sample): K pushes ~ one step.
     # "auto": from SHARE_BATCH_FROM workers on, in apply mode (whole batches are K
     # batches stale, which broke momentum SGD from K = 3 in docs/benchmarks.md's
-    # study); "on" (TOML true) / "off" (false): always / never; "finetune": only in
-    # fine-tuning (pretraining takes whole batches).  `shares_batch(K, pretraining=)`.
+    # study); "on" (TOML true) / "off" (false): always / never.  `shares_batch(K)`.
     split_batch: str = "auto"
     # "inverse": each push's gradient is weighted 1/max(tau, 1) in the server's sum
     # (staleness-aware lr, Zhang et al. IJCAI 2016); "compensate": the momentum (and,
     # past 1/(1 - momentum) effective workers, the lr) is lowered by the asynchrony's
     # implicit momentum at the running mean staleness (server/handle.compensate);
     # "none": every push weighs 1 and the schedule's lr and momentum apply as they are;
-    # "auto": "compensate" in the phases whose batch is shared, else "none".
-    # `staleness_rule(K, pretraining=)`.
+    # "auto": "compensate" when the batch is shared, else "none".  `staleness_rule(K)`.
     staleness_lr: str = "auto"
     sync: bool = False  # wait for each push to be applied before the next pull (exactness)
-    # Apply mode: a worker's pull waits until the server has applied its last push (it
-    # reads its own writes).  false: pull at once and compute the next step while the
-    # server applies; the worker's own last push is then often missing from what it
-    # pulled (one push more staleness) and the ack wait goes off its step.
-    wait_own_push: bool = True
     adagrad_eps: float = 1e-6
     step_timeout_s: float = 120.0  # every wait on the server gives up after this
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is marked dead
@@ -128,28 +121,23 @@ class PSConfig:
     average_every: int = 10
     average_start_epoch: float = 0.0
 
-    def shares_batch(self, n_workers: int, *, pretraining: bool = False) -> bool:
-        """Do `n_workers` training workers share a pretraining / the fine-tuning phase's
-        batch (`split_batch` resolved)?"""
+    def shares_batch(self, n_workers: int) -> bool:
+        """Do `n_workers` training workers share the batch (`split_batch` resolved)?"""
         if self.split_batch == "auto":
             return self.mode == "apply" and n_workers >= SHARE_BATCH_FROM
-        if self.split_batch == "finetune":
-            return not pretraining
         return self.split_batch == "on"
 
     def pretrain_solo(self, n_workers: int, pretrain_epochs: float) -> float:
         """Epochs of each RBM one worker trains alone (`pretrain_solo_epochs` resolved)."""
         if self.pretrain_solo_epochs != "auto":
             return float(self.pretrain_solo_epochs)
-        many = n_workers > WARM_START_ABOVE and self.shares_batch(n_workers, pretraining=True)
+        many = n_workers > WARM_START_ABOVE and self.shares_batch(n_workers)
         return pretrain_epochs if many else 0.0
 
-    def staleness_rule(self, n_workers: int, *, pretraining: bool = False) -> str:
-        """The server's staleness rule in a pretraining / the fine-tuning phase for
-        `n_workers` workers (`staleness_lr` resolved)."""
+    def staleness_rule(self, n_workers: int) -> str:
+        """The server's staleness rule for `n_workers` workers (`staleness_lr` resolved)."""
         if self.staleness_lr == "auto":
-            shared = self.shares_batch(n_workers, pretraining=pretraining)
-            return "compensate" if shared else "none"
+            return "compensate" if self.shares_batch(n_workers) else "none"
         return self.staleness_lr
 
     def every(self, *, pretraining: bool) -> tuple[int, int]:
@@ -346,11 +334,11 @@ def validate(cfg: Config) -> None:
         f"[ps] average_start_epoch must be >= 0, got {p.average_start_epoch}",
     )
     _check(
-        p.split_batch in ("auto", "on", "off", "finetune"),
-        f"[ps] split_batch must be auto, on (true), off (false) or finetune, got {p.split_batch!r}",
+        p.split_batch in ("auto", "on", "off"),
+        f"[ps] split_batch must be auto, on (true) or off (false), got {p.split_batch!r}",
     )
     _check(
-        p.split_batch in ("auto", "off") or p.mode == "apply",
+        p.split_batch != "on" or p.mode == "apply",
         '[ps] split_batch needs mode = "apply" (the server weighs each push by its samples)',
     )
     _check(p.adagrad_eps > 0, f"[ps] adagrad_eps must be > 0, got {p.adagrad_eps}")

@@ -22,14 +22,10 @@ numpy arrays.
    inside `shard.write()` (the transport's seqlock bracket).  Under
    `staleness_lr = "compensate"` the rule gets the momentum and lr of
    `compensate` at the running mean staleness instead of the schedule's.
-   Under a shared batch (`[ps] split_batch`) each push of n samples weighs n / batch in the
+   Under `[ps] split_batch` each push of n samples weighs n / batch in the
    sum and the rule gets `fractional_step`'s lr and momentum for the batch's
    w = samples / batch steps (K pushes of batch / K samples ~ one step), and
    `compensate` counts tau in whole steps (tau x n / batch), not in pushes.
-
-Both choices can differ by phase (`split_batch = "finetune"`), so the shard
-carries them: `Shard.shared` and `Shard.staleness_lr`, as the server resolved
-them for the current phase.
 """
 
 from __future__ import annotations
@@ -65,8 +61,6 @@ class Shard:
     momentum: float
     write: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     batch: int = 0  # the phase's configured batch (samples of one whole step)
-    shared: bool = False  # the workers share the phase's batch (`[ps] split_batch`)
-    staleness_lr: str = "none"  # the phase's staleness rule: none, inverse, compensate
 
     @property
     def version(self) -> int:
@@ -134,13 +128,18 @@ class Aggregate:
         rule,
         *,
         staleness_bound: int = 0,
+        staleness_lr: str = "none",
         constrain=None,
+        split_batch: bool = False,
     ):
         """`constrain(shard)`: called after each apply, inside the write bracket (e.g.
         max-norm on the weights), so pulls only ever see constrained parameters."""
         self.rule = rule
         self.constrain = constrain
         self.staleness_bound = staleness_bound
+        self.inverse = staleness_lr == "inverse"
+        self.compensating = staleness_lr == "compensate"
+        self.split_batch = split_batch
         self.tau_mean: float | None = None  # running mean staleness of the applied pushes
         self._agg = np.empty(rule.size, dtype=np.float32)
 
@@ -160,12 +159,11 @@ class Aggregate:
             return out
         # One finiteness check of the sum; single pushes are looked at only if it is bad.
         accepted = candidates
-        per = shard.batch if shard.shared else 0  # a push weighs n_samples / per
-        inverse = shard.staleness_lr == "inverse"
-        agg = self.sum(accepted, shard.version, a, b, per, inverse)
+        per = shard.batch if self.split_batch else 0  # a push weighs n_samples / per
+        agg = self.sum(accepted, shard.version, a, b, per)
         if b > a and not finite(agg):
             accepted = [p for p in candidates if finite(p.grad)]
-            agg = self.sum(accepted, shard.version, a, b, per, inverse) if accepted else agg
+            agg = self.sum(accepted, shard.version, a, b, per) if accepted else agg
         ok = {p.worker for p in accepted}
         for p in candidates:
             out.results[p.worker] = APPLIED if p.worker in ok else REJECTED_NONFINITE
@@ -177,7 +175,7 @@ class Aggregate:
         lr, mom = shard.lr, shard.momentum
         if per and out.samples != per:  # (a whole step's samples: the schedule as it is)
             lr, mom = fractional_step(lr, mom, out.samples / per)
-        if shard.staleness_lr == "compensate":
+        if self.compensating:
             taus = out.staleness
             if per:  # tau in whole steps: a push of n samples is n / per of a step
                 taus = [t * p.n_samples / per for t, p in zip(taus, accepted, strict=True)]
@@ -199,19 +197,17 @@ class Aggregate:
                 self.tau_mean = self.TAU_DECAY * self.tau_mean + (1 - self.TAU_DECAY) * tau
         return self.tau_mean or 0.0
 
-    def sum(
-        self, pushes: list[Push], version: int, a: int, b: int, per: int = 0, inverse=False
-    ) -> np.ndarray:
+    def sum(self, pushes: list[Push], version: int, a: int, b: int, per: int = 0) -> np.ndarray:
         """sum_i w_i g_i over the pushes (a scratch buffer; a lone unweighted push in place).
 
-        w_i = 1 / max(tau_i, 1), tau_i = version - pulled_version_i, when `inverse`
-        (`staleness_lr = "inverse"`), else 1; times n_samples_i / per when `per`
+        w_i = 1 / max(tau_i, 1), tau_i = version - pulled_version_i, under
+        `staleness_lr = "inverse"`, else 1; times n_samples_i / per when `per`
         (split_batch: the samples of one whole step).  A lone push with weight 1
         is used as it is: its slot is scratch until the ack.
         """
         if b <= a:  # this shard holds nothing of the phase
             return self._agg[:0]
-        w = [1.0 / max(version - p.pulled_version, 1) if inverse else 1.0 for p in pushes]
+        w = [1.0 / max(version - p.pulled_version, 1) if self.inverse else 1.0 for p in pushes]
         if per:
             w = [wi * p.n_samples / per for wi, p in zip(w, pushes, strict=True)]
         if len(pushes) == 1 and w[0] == 1.0:

@@ -100,18 +100,16 @@ class ParameterServer:
         )
         self.schedule = PhaseSchedule(cfg, layout.n_layers, n_train)
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
-        # [ps] split_batch / staleness_lr as they resolve for this many workers ("auto"),
-        # in a pretraining phase and in fine-tuning: the handle reads them off the shard
-        self._batching = {
-            pretraining: (
-                cfg.ps.shares_batch(topo.n_workers, pretraining=pretraining),
-                cfg.ps.staleness_rule(topo.n_workers, pretraining=pretraining),
-            )
-            for pretraining in (True, False)
-        }
+        # [ps] split_batch / staleness_lr as they resolve for this many workers ("auto")
+        shared, staleness_rule = (
+            cfg.ps.shares_batch(topo.n_workers),
+            cfg.ps.staleness_rule(topo.n_workers),
+        )
         self.handle = handle or Aggregate(
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,
+            staleness_lr=staleness_rule,
+            split_batch=shared,
             constrain=self._max_norm if cfg.finetune.max_norm > 0 else None,
         )
         # [ps] average: a running average of the fine-tuning parameters (one server rank,
@@ -160,23 +158,13 @@ class ParameterServer:
             f"[server] {layout!r}, {topo.n_workers} workers, {topo.n_servers} server(s), {where}"
         )
         if cfg.ps.mode == "apply" and topo.n_workers > 1:
-            self.log(f"[server] {self._describe_batching()}")
+            batch = "shared by the workers" if shared else "whole"
+            said = f"batches {batch}, staleness rule {staleness_rule}"
+            solo = cfg.ps.pretrain_solo(topo.n_workers, cfg.pretrain.epochs)
+            if solo > 0:
+                said += f"; one worker pretrains the first {solo:g} epochs of each RBM alone"
+            self.log(f"[server] {said}")
         self.log(f"[server] phase {layout.phase_name(first)} starts")
-
-    def _describe_batching(self) -> str:
-        """'batches whole, staleness rule none', or per phase kind where they differ."""
-
-        def say(shared: bool, rule: str) -> str:
-            return (
-                f"batches {'shared by the workers' if shared else 'whole'}, staleness rule {rule}"
-            )
-
-        pre, fine = self._batching[True], self._batching[False]
-        said = say(*fine) if pre == fine else f"pretraining: {say(*pre)}; fine-tuning: {say(*fine)}"
-        solo = self.cfg.ps.pretrain_solo(self.topo.n_workers, self.cfg.pretrain.epochs)
-        if solo > 0:
-            said += f"; one worker pretrains the first {solo:g} epochs of each RBM alone"
-        return said
 
     def _restore(self, params: np.ndarray, rule_state: dict, meta: dict):
         """Continue from a checkpoint: (params, phase, version, samples in phase).
@@ -289,7 +277,6 @@ class ParameterServer:
         plo, phi = self.layout.phase_range(st.phase)
         a, b = max(plo, self.lo) - self.lo, min(phi, self.hi) - self.lo
         lr, mom = hyper(self.cfg, st.phase, self.layout.n_layers, st.epoch)
-        shared, staleness_lr = self._batching[st.phase < self.layout.n_layers]
         return Shard(
             params=self.ps.params,
             header=self.ps.header,
@@ -299,8 +286,6 @@ class ParameterServer:
             momentum=mom,
             write=self._writing,
             batch=batch_size(self.cfg, st.phase, self.layout.n_layers),
-            shared=shared,
-            staleness_lr=staleness_lr,
         )
 
     def _max_norm(self, shard: Shard) -> None:

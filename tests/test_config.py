@@ -49,8 +49,6 @@ def test_load_toml(tmp_path: Path) -> None:
         ({"ps": {"staleness_lr": "compensate", "mode": "accumulate"}}, "[ps] staleness_lr"),
         ({"ps": {"split_batch": "maybe"}}, "[ps] split_batch"),
         ({"ps": {"split_batch": True, "mode": "accumulate"}}, "[ps] split_batch"),
-        ({"ps": {"split_batch": "finetune", "mode": "accumulate"}}, "[ps] split_batch"),
-        ({"ps": {"wait_own_push": "no"}}, "[ps] wait_own_push"),
         ({"finetune": {"lr": 0}}, "[finetune] lr"),
         ({"pretrain": {"lr": "fast"}}, "[pretrain] lr"),
         ({"pretrain": {"lr": float("nan")}}, "[pretrain] lr"),

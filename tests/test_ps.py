@@ -330,35 +330,6 @@ def test_split_batch_job_shares_the_batch_and_learns(tmp_path, job, ps, workers,
     assert s["test_accuracy"] > 0.8, s["test_accuracy"]
 
 
-def test_split_batch_finetune_shares_only_the_fine_tuning_batch(tmp_path, job):
-    """[ps] split_batch = "finetune" at K = 2: pretraining steps of 100 samples with no
-    staleness rule, fine-tuning steps of 50 with compensate, and the job learns."""
-    cfg_path = write_config(tmp_path / "ft.toml", {**LEARNS, "ps": {"split_batch": "finetune"}})
-    res = job(cfg_path, workers=2)
-    assert res.rc == 0, res.output[-3000:]
-    assert (
-        "pretraining: batches whole, staleness rule none; "
-        "fine-tuning: batches shared by the workers, staleness rule compensate"
-    ) in res.output
-    s = res.summary
-    for w in s["workers"]:
-        # ~15 pretraining steps of 100 and ~180 fine-tuning steps of 50 each
-        assert w["samples"] % 50 == 0 and 50 < w["samples"] / w["steps"] < 60, s["workers"]
-    assert s["applied"] >= 3000 // 100 + 6 * 3000 // 50 - 2, s["applied"]
-    assert s["test_accuracy"] > 0.8, s["test_accuracy"]
-
-
-def test_without_waiting_for_its_own_push_a_lone_worker_sees_staleness(tmp_path, job):
-    """[ps] wait_own_push = false: the worker pulls while the server still applies its
-    last push, so even alone its pushes are stale (waiting, every one is fresh)."""
-    cfg_path = write_config(tmp_path / "nowait.toml", {**LEARNS, "ps": {"wait_own_push": False}})
-    res = job(cfg_path, workers=1)
-    assert res.rc == 0, res.output[-3000:]
-    s = res.summary
-    assert s["staleness"]["max"] >= 1, s["staleness"]
-    assert s["test_accuracy"] > 0.8, s["test_accuracy"]
-
-
 def test_evaluations_follow_the_schedule_not_the_log(tmp_path, job):
     """A log line every 20 ms must not start test evaluations (they cost rank 0 a forward pass)."""
     cfg_path = write_config(

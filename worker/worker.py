@@ -144,7 +144,6 @@ class Worker:
         )
         self.rng = step_rng(cfg.run.seed, self.me)  # the single process is worker 0
         self.sampler = None
-        self._n_live = topo.n_workers  # workers on the shards (shared batch: its divisor)
         self._solo = None  # (phase, StepGradient over the whole set) while we train alone
         if self.faults.synthetic_grad is None:
             self._reshard(set())
@@ -179,7 +178,8 @@ class Worker:
         if self.faults.synthetic_grad is None:
             X, y = shard(self.X_all, self.y_all, *part)
             self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
-            self._n_live = part[1]
+            if self.cfg.ps.shares_batch(self.topo.n_workers):  # the live workers share the batch
+                self.sampler.split = part[1]
         return True
 
     def _step(self, phase: int, epoch: float, sampler) -> tuple[float, int]:
@@ -223,10 +223,6 @@ class Worker:
         self._local = True
         try:
             time.sleep(self.faults.slow_phase_s)
-            if sampler is None:  # our shard's sampler: the live workers may share the batch
-                pretraining = phase < self.layout.n_layers
-                shared = self.cfg.ps.shares_batch(self.topo.n_workers, pretraining=pretraining)
-                self.sampler.split = self._n_live if shared else 1
             (sampler or self.sampler).begin_phase(phase, self.params)
         finally:
             self._local = False
@@ -378,10 +374,10 @@ class Worker:
             # hand us parameters without our last update (staleness >= 1 even
             # alone, which momentum turns into oscillation).  The wait is one
             # server check + apply (~1.3 ms for the full model) against a
-            # ~12 ms step.  `[ps] wait_own_push = false` trades it for that staleness.
+            # ~12 ms step.
             t0 = time.perf_counter()
-            if self.rule is None and self.cfg.ps.wait_own_push:  # (accumulate mode: our
-                client.wait()  # update is in when push returns)
+            if self.rule is None:  # accumulate mode: our update is in when push returns
+                client.wait()
             t1 = time.perf_counter()
             info = client.pull(self.params.flat, lo, hi)
             prof["wait"] += t1 - t0

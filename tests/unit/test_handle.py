@@ -24,32 +24,10 @@ from dbnps.server.handle import Aggregate, Shard, compensate, fractional_step
 N = 6
 
 
-def shard(
-    version=10,
-    phase=1,
-    rng=(0, N),
-    open_=True,
-    lr=0.5,
-    write=contextlib.nullcontext,
-    *,
-    rule="none",
-    batch=0,
-):
-    """`rule`: the phase's staleness rule; `batch` > 0: the workers share that batch."""
+def shard(version=10, phase=1, rng=(0, N), open_=True, lr=0.5, write=contextlib.nullcontext):
     header = np.zeros(8, dtype=np.int64)
     header[VERSION], header[PHASE] = version, phase
-    return Shard(
-        np.ones(N, np.float32),
-        header,
-        rng,
-        open_,
-        lr,
-        0.0,
-        write,
-        batch=batch,
-        shared=batch > 0,
-        staleness_lr=rule,
-    )
+    return Shard(np.ones(N, np.float32), header, rng, open_, lr, 0.0, write)
 
 
 def push(worker, grad, *, pulled=10, phase=1, lo=0, hi=N, n=5):
@@ -119,19 +97,19 @@ def test_a_nonfinite_push_is_refused_and_the_others_of_its_batch_still_apply():
 
 def test_staleness_aware_lr_weighs_each_gradient_by_one_over_tau():
     """Zhang et al. 2016: g_i / max(tau_i, 1).  tau 0 and 1 weigh 1, tau 4 a quarter."""
-    sh = shard(lr=1.0, rule="inverse")
+    sh = shard(lr=1.0)
     pushes = [
         push(0, np.ones(N), pulled=10),
         push(1, np.ones(N), pulled=9),
         push(2, 4 * np.ones(N), pulled=6),
     ]
-    Aggregate(make_rule("sgd", N))(pushes, sh)
+    Aggregate(make_rule("sgd", N), staleness_lr="inverse")(pushes, sh)
     np.testing.assert_allclose(sh.params, 1 - (1 + 1 + 4 / 4))
 
 
 def test_staleness_aware_lr_alone_scales_a_single_stale_push():
-    sh = shard(lr=1.0, rule="inverse")
-    Aggregate(make_rule("sgd", N))([push(0, 2 * np.ones(N), pulled=8)], sh)
+    sh = shard(lr=1.0)
+    Aggregate(make_rule("sgd", N), staleness_lr="inverse")([push(0, 2 * np.ones(N), pulled=8)], sh)
     np.testing.assert_allclose(sh.params, 1 - 2 / 2)
 
 
@@ -194,9 +172,9 @@ class _Recorder:
 def test_compensate_applies_the_momentum_of_the_running_mean_staleness():
     """tau = 3 on every push: K_eff tends to 4, so momentum 0.9 is applied as 0.6."""
     rule = _Recorder()
-    agg = Aggregate(rule)
+    agg = Aggregate(rule, staleness_lr="compensate")
     for v in range(10, 400):
-        sh = shard(version=v, rule="compensate")
+        sh = shard(version=v)
         sh.momentum = 0.9
         agg([push(0, np.ones(N), pulled=v - 3)], sh)
     lr, mu = rule.calls[-1]
@@ -204,8 +182,8 @@ def test_compensate_applies_the_momentum_of_the_running_mean_staleness():
     assert lr == 0.5 and mu == pytest.approx(0.6)
     # a synchronous push stream (tau 0) keeps the schedule's momentum
     rule0 = _Recorder()
-    agg0 = Aggregate(rule0)
-    sh = shard(rule="compensate")
+    agg0 = Aggregate(rule0, staleness_lr="compensate")
+    sh = shard()
     sh.momentum = 0.9
     agg0([push(0, np.ones(N), pulled=10)], sh)
     assert rule0.calls == [(0.5, 0.9)]
@@ -244,24 +222,23 @@ def test_split_batch_weighs_each_push_by_its_samples_and_steps_by_the_batch():
     """Batch 100 shared by 4 workers: 4 pushes of 25 samples weigh 1/4 each, and the
     rule gets the lr and momentum of one whole step (w = 100/100)."""
     rule = _Recorder()
-    sh = shard(lr=0.2, batch=100)
-    sh.momentum = 0.9
+    sh = shard(lr=0.2)
+    sh.momentum, sh.batch = 0.9, 100
     grads = [np.full(N, float(w + 1), np.float32) for w in range(4)]
     captured = []
     rule.apply = lambda p, g, lr, mom, lo: captured.append((g.copy(), lr, mom))
-    Aggregate(rule)([push(w, g, n=25) for w, g in enumerate(grads)], sh)
+    Aggregate(rule, split_batch=True)([push(w, g, n=25) for w, g in enumerate(grads)], sh)
     ((g, lr, mom),) = captured
     np.testing.assert_allclose(g, np.full(N, (1 + 2 + 3 + 4) / 4))  # the batch's mean gradient
     assert (lr, mom) == pytest.approx((0.2, 0.9))
     # one push of 25 samples alone: a quarter step
     captured.clear()
-    Aggregate(rule)([push(0, grads[1], n=25)], sh)
+    Aggregate(rule, split_batch=True)([push(0, grads[1], n=25)], sh)
     ((g, lr, mom),) = captured
     np.testing.assert_allclose(g, np.full(N, 2 / 4))
     assert (lr, mom) == pytest.approx(fractional_step(0.2, 0.9, 0.25))
-    # in a phase whose batch is not shared the same push is a whole step
+    # without split_batch the same push is a whole step
     captured.clear()
-    sh.shared = False
     Aggregate(rule)([push(0, grads[1], n=25)], sh)
     assert captured[0][1:] == (0.2, 0.9) and captured[0][0][0] == 2.0
 
@@ -270,26 +247,11 @@ def test_split_batch_compensate_counts_staleness_in_whole_steps():
     """Pushes of 25 samples of a 100-sample batch, each 4 pushes stale: tau = 1 step, so
     K_eff tends to 2 and momentum 0.9 is applied as 0.8 (in pushes it would be 5: 0.5)."""
     rule = _Recorder()
-    agg = Aggregate(rule)
+    agg = Aggregate(rule, staleness_lr="compensate", split_batch=True)
     for v in range(10, 400):
-        sh = shard(version=v, rule="compensate", batch=100)
-        sh.momentum = 0.9
+        sh = shard(version=v)
+        sh.momentum, sh.batch = 0.9, 100
         agg([push(0, np.ones(N), pulled=v - 4, n=25)], sh)
     assert agg.tau_mean == pytest.approx(1.0)
     lr_w, mu_w = fractional_step(0.5, 0.9, 0.25)
     assert rule.calls[-1] == pytest.approx(compensate(lr_w, mu_w, 2.0))
-
-
-def test_the_rule_follows_the_shard_from_phase_to_phase():
-    """`split_batch = "finetune"`: one handle, a pretraining shard with whole batches and
-    no rule, then a fine-tuning shard with a shared batch and `compensate`."""
-    rule = _Recorder()
-    agg = Aggregate(rule)
-    pre = shard(version=10, rule="none")
-    pre.momentum = 0.9
-    agg([push(0, np.ones(N), pulled=7, n=100)], pre)  # 3 stale, whole: the schedule
-    assert rule.calls == [(0.5, 0.9)] and agg.tau_mean is None
-    fine = shard(version=20, rule="compensate", batch=100)
-    fine.momentum = 0.9
-    agg([push(0, np.ones(N), pulled=20, n=50)], fine)  # fresh half step
-    assert rule.calls[-1] == pytest.approx(fractional_step(0.5, 0.9, 0.5))

@@ -157,7 +157,6 @@ def test_warm_start_samples_per_phase_and_capped_by_the_phase():
         (17, {}, 2000),  # auto, above it: every pretraining epoch alone
         (32, {}, 2000),
         (32, {"split_batch": "off"}, 0),  # whole batches: auto does not warm-start
-        (32, {"split_batch": "finetune"}, 0),  # nor when pretraining takes whole batches
         (32, {"pretrain_solo_epochs": 0.5}, 500),  # a number wins at any K
         (32, {"pretrain_solo_epochs": 0}, 0),
     ],

@@ -32,13 +32,3 @@ def test_explicit_settings_win_at_any_k_and_toml_booleans_still_read():
     ps = from_dict({"ps": {"split_batch": False, "staleness_lr": "inverse"}}).ps
     assert ps.split_batch == "off"
     assert (ps.shares_batch(32), ps.staleness_rule(32)) == (False, "inverse")
-
-
-@pytest.mark.parametrize("k", [2, 32])
-def test_finetune_shares_only_the_fine_tuning_batch_and_compensates_only_there(k):
-    ps = from_dict({"ps": {"split_batch": "finetune"}}).ps
-    assert (ps.shares_batch(k, pretraining=True), ps.staleness_rule(k, pretraining=True)) == (
-        False,
-        "none",
-    )
-    assert (ps.shares_batch(k), ps.staleness_rule(k)) == (True, "compensate")
