@@ -229,14 +229,18 @@ def plot(rows: list[dict], rules: list[str], path: Path, target: float) -> None:
         mine = [r for r in rows if r.get("rule") == rule and "error" not in r]
         pts = [(r["workers"], r["epochs"]) for r in mine if r["reached"]]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"staleness_lr = {rule}")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=rule)
         bx.plot([r["workers"] for r in mine], [r["best"] for r in mine], marker="o", label=rule)
+    ones = [r["epochs"] for r in rows if r.get("workers") == 1 and r.get("reached")]
+    if ones:  # issue 16's bound: at most 1.5x the epochs of one worker
+        ax.axhline(1.5 * min(ones), color="grey", lw=0.8, ls="--", label="1.5 x K = 1")
     for a in (ax, bx):
         a.set_xscale("log", base=2)
         a.set_xlabel("workers K")
         a.grid(True, alpha=0.3)
         a.legend()
     ax.set_ylabel(f"fine-tuning epochs to {target:.0%} (validation)")
+    ax.set_ylim(bottom=0)
     bx.set_ylabel("best validation accuracy in the epoch cap")
     bx.axhline(target, color="grey", lw=0.8, ls="--")
     fig.tight_layout()
