@@ -29,7 +29,9 @@ def synthetic_cfg(tmp_path, max_steps: int = 20, **ps):
             **SMALL,
             "pretrain": {"epochs": 0.0},
             "finetune": {"epochs": 1000.0, "lr": 0.1, "momentum_start": 0.0, "momentum_final": 0.0},
-            "ps": {"update_rule": "sgd", **ps},
+            # Whole batches and plain SGD at any K (the default shares the batch from
+            # K = 3): these jobs check what the transport conserves, not the rule.
+            "ps": {"update_rule": "sgd", "split_batch": "off", **ps},
             "run": {"max_steps": max_steps},
         },
     )
