@@ -218,15 +218,6 @@ def test_cli_never_touches_mpi(job, tmp_path):
         timeout=60,
     )
     assert [p.name for p in shm.iterdir() if p.name.startswith("sm_segment")], "no segment"
-    # fast: median of 5 `psctl status` wall times (the RPC itself takes milliseconds)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        assert job.psctl("status", *run).returncode == 0
-        times.append(time.perf_counter() - t0)
-    median = sorted(times)[2]
-    print(f"psctl status wall time: median {median:.3f}s of {[round(t, 3) for t in times]}")
-    assert median < 1.0, times  # < 0.2 s measured on an idle 2-core machine; margin for load
 
 
 def test_mutating_rpcs_need_the_token(job):
