@@ -25,6 +25,9 @@ from dbnps.common.errors import ConfigError
 
 class UpdateRule:
     name = "base"
+    # apply(p, g, lr) == apply(p, g / c, lr * c): a weight on the gradient can ride on
+    # the lr (the server's handle folds push weights into it, one pass less per push)
+    linear = False
 
     def __init__(self, size: int):
         self.size = size
@@ -53,6 +56,7 @@ class UpdateRule:
 
 class SGD(UpdateRule):
     name = "sgd"
+    linear = True
 
     def delta(self, g, lr, momentum, lo=0):
         g *= np.float32(-lr)
@@ -61,6 +65,7 @@ class SGD(UpdateRule):
 
 class Momentum(UpdateRule):
     name = "momentum"
+    linear = True
 
     def __init__(self, size: int):
         super().__init__(size)

@@ -160,10 +160,11 @@ class Aggregate:
         # One finiteness check of the sum; single pushes are looked at only if it is bad.
         accepted = candidates
         per = shard.batch if self.split_batch else 0  # a push weighs n_samples / per
-        agg = self.sum(accepted, shard.version, a, b, per)
+        agg, scale = self.sum(accepted, shard.version, a, b, per)
         if b > a and not finite(agg):
             accepted = [p for p in candidates if finite(p.grad)]
-            agg = self.sum(accepted, shard.version, a, b, per) if accepted else agg
+            if accepted:
+                agg, scale = self.sum(accepted, shard.version, a, b, per)
         ok = {p.worker for p in accepted}
         for p in candidates:
             out.results[p.worker] = APPLIED if p.worker in ok else REJECTED_NONFINITE
@@ -181,7 +182,7 @@ class Aggregate:
                 taus = [t * p.n_samples / per for t, p in zip(taus, accepted, strict=True)]
             lr, mom = compensate(lr, mom, 1.0 + self._mean_staleness(taus))
         with shard.write():  # pulls see the parameters and their version change together
-            self.rule.apply(shard.params[a:b], agg, lr, mom, a)
+            self.rule.apply(shard.params[a:b], agg, lr * scale, mom, a)
             if self.constrain is not None:
                 self.constrain(shard)
             shard.header[VERSION] += out.applied
@@ -197,29 +198,42 @@ class Aggregate:
                 self.tau_mean = self.TAU_DECAY * self.tau_mean + (1 - self.TAU_DECAY) * tau
         return self.tau_mean or 0.0
 
-    def sum(self, pushes: list[Push], version: int, a: int, b: int, per: int = 0) -> np.ndarray:
-        """sum_i w_i g_i over the pushes (a scratch buffer; a lone unweighted push in place).
+    def sum(
+        self, pushes: list[Push], version: int, a: int, b: int, per: int = 0
+    ) -> tuple[np.ndarray, float]:
+        """(g, scale) with scale * g = sum_i w_i g_i over the pushes.
 
         w_i = 1 / max(tau_i, 1), tau_i = version - pulled_version_i, under
         `staleness_lr = "inverse"`, else 1; times n_samples_i / per when `per`
-        (split_batch: the samples of one whole step).  A lone push with weight 1
-        is used as it is: its slot is scratch until the ack.
+        (split_batch: the samples of one whole step).  For a rule linear in the
+        gradient (SGD, momentum) the first weight is factored out into `scale`,
+        which the caller folds into the lr: a lone push is used as it is (its
+        slot is scratch until the ack) and pushes of equal weight are only
+        added, one pass over the vector less than scaling them first.
+        Otherwise (Adagrad squares the gradient) scale is 1.
         """
         if b <= a:  # this shard holds nothing of the phase
-            return self._agg[:0]
+            return self._agg[:0], 1.0
         w = [1.0 / max(version - p.pulled_version, 1) if self.inverse else 1.0 for p in pushes]
         if per:
             w = [wi * p.n_samples / per for wi, p in zip(w, pushes, strict=True)]
+        scale = w[0] if getattr(self.rule, "linear", False) else 1.0  # (a rule without the flag: 1)
+        w = [wi / scale for wi in w]
         if len(pushes) == 1 and w[0] == 1.0:
-            return pushes[0].grad
+            return pushes[0].grad, scale
         agg = self._agg[a:b]
-        np.multiply(pushes[0].grad, np.float32(w[0]), out=agg)
-        for p, wi in zip(pushes[1:], w[1:], strict=True):
+        if len(pushes) > 1 and w[0] == w[1] == 1.0:
+            np.add(pushes[0].grad, pushes[1].grad, out=agg)
+            rest = 2
+        else:
+            np.multiply(pushes[0].grad, np.float32(w[0]), out=agg)
+            rest = 1
+        for p, wi in zip(pushes[rest:], w[rest:], strict=True):
             if wi == 1.0:
                 agg += p.grad
             else:
                 agg += np.float32(wi) * p.grad
-        return agg
+        return agg, scale
 
 
 def finite(g: np.ndarray) -> bool:

@@ -255,3 +255,38 @@ def test_split_batch_compensate_counts_staleness_in_whole_steps():
     assert agg.tau_mean == pytest.approx(1.0)
     lr_w, mu_w = fractional_step(0.5, 0.9, 0.25)
     assert rule.calls[-1] == pytest.approx(compensate(lr_w, mu_w, 2.0))
+
+
+@pytest.mark.parametrize("rule_name", ["sgd", "momentum"])
+def test_push_weights_ride_on_the_lr_of_a_linear_rule_with_the_same_result(rule_name):
+    """SGD and momentum are linear in the gradient, so the handle folds the pushes'
+    weights into the lr (no scaling pass): the parameters come out as with the
+    explicitly weighted sum, for one weighted push, equal weights, and mixed ones."""
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(3)]
+
+    def run(pushes, *, inverse=False):
+        agg = Aggregate(make_rule(rule_name, N), staleness_lr="inverse" if inverse else "none")
+        agg.split_batch = True
+        sh = shard(lr=0.5)
+        sh.momentum, sh.batch = 0.9, 100
+        agg(pushes, sh)
+        return sh.params.copy()
+
+    # one push of 25 samples of a 100-sample batch: a quarter of its gradient, a quarter step
+    lr_w, _ = fractional_step(0.5, 0.9, 0.25)  # fresh velocity: the step is lr_w * g / 4
+    got = run([push(0, grads[0], n=25)])
+    np.testing.assert_allclose(got, 1 - lr_w * grads[0] / 4, rtol=1e-5, atol=1e-6)
+    # ... and the push's own buffer went to the rule, its weight in the lr
+    lone = push(0, grads[0], n=25)
+    g, scale = Aggregate(make_rule(rule_name, N)).sum([lone], 10, 0, N, per=100)
+    assert g is lone.grad and scale == 0.25
+    # three pushes of 25: 3/4 of a step on the sum of their quarter gradients
+    lr_w, _ = fractional_step(0.5, 0.9, 0.75)
+    got = run([push(w, g, n=25) for w, g in enumerate(grads)])
+    np.testing.assert_allclose(got, 1 - lr_w * sum(grads) / 4, rtol=1e-5, atol=1e-5)
+    # mixed weights (inverse: tau 0, 2, 4 -> 1, 1/2, 1/4, each n / per = 1/2)
+    pushes = [push(w, g, n=50, pulled=10 - 2 * w) for w, g in enumerate(grads)]
+    lr_w, _ = fractional_step(0.5, 0.9, 1.5)
+    want = 1 - lr_w * (grads[0] / 2 + grads[1] / 4 + grads[2] / 8)
+    np.testing.assert_allclose(run(pushes, inverse=True), want, rtol=1e-5, atol=1e-5)
