@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/bench_numerics.py --threads 1
 	$(BIN)/python bench/bench_numerics.py --threads 2
 	$(BIN)/python bench/bench_ps.py all
+	$(BIN)/python bench/bench_handle.py --rounds 4 --out bench/results/handle
 	$(BIN)/python bench/bench_time_to_acc.py
 	$(BIN)/python bench/bench_speed.py
 	$(BIN)/python bench/bench_scaling.py --config configs/mnist-dbn.toml --workers 1,2 --target-accuracy 0.985
