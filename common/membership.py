@@ -66,12 +66,17 @@ class Membership:
         return bool(np.all((self.stats[:, STATE] == STATE_DONE) | ~self.alive))
 
     @property
+    def stepped(self) -> np.ndarray:
+        """bool[K]: the workers that have taken a step (and so reported a loss)."""
+        return self.stats[:, STEPS] > 0
+
+    @property
     def loss(self) -> float:
         """Mean training loss over the workers that have taken a step (NaN before any).
 
         A worker that reports before its first step (a warm start's waiting
         workers) has no loss yet: its NaN word must not make the mean NaN."""
-        stepped = self.stats[:, STEPS] > 0
+        stepped = self.stepped
         return float(np.mean(self.stats[stepped, LOSS])) if stepped.any() else float("nan")
 
 

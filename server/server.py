@@ -579,7 +579,7 @@ class ParameterServer:
         if st.nonfinite_in_a_row >= limit:
             why = f"{st.nonfinite_in_a_row} pushes in a row had non-finite gradients"
         else:
-            if not (st.worker_stats[:, pr.STEPS] > 0).any():
+            if not st.members.stepped.any():
                 return  # no loss computed yet
             loss, bound = st.loss, self.cfg.run.max_loss  # the mean over workers that stepped
             if not (loss > bound or loss != loss):
