@@ -34,7 +34,12 @@ Usage::
 
     python bench/bench_peer.py [--config configs/mnist-dbn-fast.toml] [--target 0.985]
         [--rounds 2] [--workers 2] [--threads 2] [--validation 0] [--only dbnps|peer]
-        [--name peer]
+        [--name peer] [--peer-config C] [--baseline-config C] [--baseline-psctl P]
+
+``--peer-config`` gives the peer its own recipe (default: ``--config``), so each
+side can run its best one.  ``--baseline-config`` / ``--baseline-psctl`` add a
+third arm, a dbnps run with another config and/or another checkout, run
+before dbnps in each round.
 
 Writes bench/results/<name>.json and <name>.md.  Needs the bench extra
 (``pip install -e .[bench]``: torch==2.13.0, the CPU build).
@@ -367,8 +372,11 @@ def main() -> None:
     ap.add_argument("--validation", type=int, default=None,
                     help="override [data] validation (the stop then uses it)")  # fmt: skip
     ap.add_argument("--only", choices=["dbnps", "peer"], default=None)
+    ap.add_argument("--peer-config", default=None, help="the peer's recipe (default: --config)")
     ap.add_argument("--baseline-psctl", type=Path, default=None,
                     help="also run this psctl (another checkout's venv) before dbnps each round")  # fmt: skip
+    ap.add_argument("--baseline-config", default=None,
+                    help="also run dbnps with this config before dbnps each round")  # fmt: skip
     ap.add_argument("--name", default="peer", help="bench/results/<name>.json and .md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -378,19 +386,25 @@ def main() -> None:
         print("RESULT " + json.dumps(peer_train(load(a.config), a.target, a.threads)), flush=True)
         return
     kinds = [a.only] if a.only else ["dbnps", "peer"]
-    arms = (["base"] if a.baseline_psctl else []) + kinds
+    base = a.baseline_psctl or a.baseline_config
+    arms = (["base"] if base else []) + kinds
+    peer_config = a.peer_config or a.config
     runs: dict[str, list[dict]] = {k: [] for k in arms}
     for r in range(a.rounds):
         for kind in arms:
             if kind == "peer":
-                res = run_peer(a.config, a.target, a.threads, a.validation)
+                res = run_peer(peer_config, a.target, a.threads, a.validation)
+            elif kind == "base":
+                res = run_dbnps(a.baseline_config or a.config, a.target, a.workers,
+                                a.validation, a.baseline_psctl or PSCTL)  # fmt: skip
             else:
-                psctl = a.baseline_psctl if kind == "base" else PSCTL
-                res = run_dbnps(a.config, a.target, a.workers, a.validation, psctl)
+                res = run_dbnps(a.config, a.target, a.workers, a.validation, PSCTL)
             runs[kind].append(res)
             print(f"round {r + 1} {kind}: {_fmt_run(kind, res)}", flush=True)
     res = {
         "config": os.path.relpath(a.config, ROOT),
+        "peer_config": os.path.relpath(peer_config, ROOT),
+        "baseline_config": os.path.relpath(a.baseline_config, ROOT) if a.baseline_config else None,
         "target": a.target,
         "validation": a.validation,
         "workers": a.workers,
@@ -411,7 +425,10 @@ def main() -> None:
     (out / f"{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
     md = [
         f"Time to {a.target:.1%} ({'validation' if a.validation else 'test'} accuracy), "
-        f"whole process, `{res['config']}`, {a.workers} workers vs PyTorch with "
+        f"whole process, `{res['config']}`"
+        + (f" (peer: `{res['peer_config']}`)" if res["peer_config"] != res["config"] else "")
+        + (f" (base: `{res['baseline_config']}`)" if a.baseline_config else "")
+        + f", {a.workers} workers vs PyTorch with "
         f"{a.threads} threads, {os.cpu_count()} CPUs; `{res['command']}`.",
         "",
         "| round | " + " | ".join(arms) + (" | dbnps / PyTorch |" if len(kinds) == 2 else ""),
