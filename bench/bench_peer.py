@@ -229,17 +229,17 @@ def _watch(proc: subprocess.Popen, server_marker: str | None) -> dict:
                     rss = q.memory_info().rss
                     rec = peak.setdefault(q.pid, {"cmd": " ".join(q.cmdline()[1:4]), "rss": 0})
                     rec["rss"] = max(rec["rss"], rss)
-                    # (mpirun's own command line names the server module too: the
-                    # rank is the matching process that has used the most CPU)
-                    ct = q.cpu_times()
-                    mine = ct.user + ct.system
-                    theirs = server.get("user_s", 0.0) + server.get("system_s", 0.0)
-                    if server_marker and server_marker in q.cmdline() and mine >= theirs:
-                        server = {
-                            "user_s": ct.user,
-                            "system_s": ct.system,
-                            "life_s": time.time() - q.create_time(),
-                        }
+                    if server_marker and server_marker in q.cmdline():
+                        # (mpirun's own command line names the server module too: the
+                        # rank is the matching process that has used the most CPU)
+                        ct = q.cpu_times()
+                        seen = server.get("user_s", 0.0) + server.get("system_s", 0.0)
+                        if ct.user + ct.system >= seen:
+                            server = {
+                                "user_s": ct.user,
+                                "system_s": ct.system,
+                                "life_s": time.time() - q.create_time(),
+                            }
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         time.sleep(0.2)

@@ -101,10 +101,8 @@ class ParameterServer:
         self.schedule = PhaseSchedule(cfg, layout.n_layers, n_train)
         self.rule = make_rule(cfg.ps.update_rule, self.hi - self.lo, adagrad_eps=cfg.ps.adagrad_eps)
         # [ps] split_batch / staleness_lr as they resolve for this many workers ("auto")
-        shared, staleness_rule = (
-            cfg.ps.shares_batch(topo.n_workers),
-            cfg.ps.staleness_rule(topo.n_workers),
-        )
+        shared = cfg.ps.shares_batch(topo.n_workers)
+        staleness_rule = cfg.ps.staleness_rule(topo.n_workers)
         self.handle = handle or Aggregate(
             self.rule,
             staleness_bound=cfg.ps.staleness_bound,

@@ -266,8 +266,8 @@ def test_push_weights_ride_on_the_lr_of_a_linear_rule_with_the_same_result(rule_
     grads = [rng.standard_normal(N).astype(np.float32) for _ in range(3)]
 
     def run(pushes, *, inverse=False):
-        agg = Aggregate(make_rule(rule_name, N), staleness_lr="inverse" if inverse else "none")
-        agg.split_batch = True
+        rule = "inverse" if inverse else "none"
+        agg = Aggregate(make_rule(rule_name, N), staleness_lr=rule, split_batch=True)
         sh = shard(lr=0.5)
         sh.momentum, sh.batch = 0.9, 100
         agg(pushes, sh)
