@@ -81,6 +81,10 @@ def peer_train(cfg, target: float, threads: int) -> dict:
         raise SystemExit(
             f"the peer implements [ps] update_rule = momentum, not {cfg.ps.update_rule}"
         )
+    if cfg.ps.average not in ("none", "ema"):
+        raise SystemExit(f"the peer implements [ps] average = none or ema, not {cfg.ps.average}")
+    if cfg.finetune.anneal_epochs or cfg.finetune.max_norm:
+        raise SystemExit("the peer does not implement [finetune] anneal_epochs or max_norm")
     data = load_data(cfg)
     layout = layout_of(cfg)
     L = layout.n_layers
@@ -160,12 +164,35 @@ def peer_train(cfg, target: float, threads: int) -> dict:
                 a = F.dropout(a, fc.dropout, training=True)
         return torch.addmm(b_out, a, W_out)
 
+    # [ps] average = "ema", as the server's (dbnps.common.averaging): a sample of the
+    # parameters every average_every updates from average_start_epoch, weight 1 - decay^n;
+    # evaluations use the average.
+    ps = cfg.ps
+    avg, pending = None, 0
+
+    def fold_average() -> None:
+        nonlocal avg, pending
+        pending += 1
+        if pending < ps.average_every:
+            return
+        if avg is None:
+            avg = [t.detach().clone() for t in params]
+        else:
+            torch._foreach_lerp_(avg, [t.detach() for t in params], 1.0 - ps.average_decay**pending)
+        pending = 0
+
     def evaluate() -> float:
         with torch.no_grad():
+            live = None
+            if avg is not None:  # evaluate the average in place of the live parameters
+                live = [t.clone() for t in params]
+                torch._foreach_copy_(params, avg)
             right = sum(
                 int((logits(Xe[i : i + 1000], False).argmax(1) == ye[i : i + 1000]).sum())
                 for i in range(0, len(ye), 1000)
             )
+            if live is not None:
+                torch._foreach_copy_(params, live)
         return right / len(ye)
 
     t0 = time.perf_counter()
@@ -186,6 +213,8 @@ def peer_train(cfg, target: float, threads: int) -> dict:
             torch._foreach_mul_(vel, mom)
             torch._foreach_add_(vel, grads, alpha=-lr)
             torch._foreach_add_(params, vel)
+        if ps.average == "ema" and epoch >= ps.average_start_epoch:
+            fold_average()
         prev, now = epoch, (done + B) / n
         ev = cfg.run.eval_every_epochs
         if int(now / ev) > int(prev / ev) or done + B >= total:

@@ -25,6 +25,29 @@ def hyper(cfg: Config, phase: int, n_layers: int, epoch: float) -> tuple[float, 
     return lr, momentum
 
 
+def matched_to_server(lr: float, momentum: float, k: int) -> tuple[float, float]:
+    """(lr, momentum) for each of `k` workers that run their own momentum
+    (`[ps] mode = "accumulate"`) so that together they move the parameters as
+    the server's single velocity does in apply mode.
+
+    The server's velocity decays by mu at every push, whoever sends it; a
+    worker's velocity only at its own pushes, one in every k.  So a worker
+    decays by mu^k per push of its own, and carries what the server would
+    have spread over the k pushes of that stretch:
+
+        mu_w = mu^k          lr_w = lr (1 - mu^k) / (1 - mu)
+
+    A gradient's effect, summed over each stretch of k pushes, is then the
+    server's exactly, and its whole effect lr / (1 - mu) the same.  The
+    identity at k = 1; at mu = 0 (plain SGD) too.  The same rule as a
+    server push that carries 1/k of a shared batch (`server.handle`).
+    """
+    k = max(int(k), 1)
+    mu_w = momentum**k
+    lr_w = lr * k if momentum == 1.0 else lr * (1.0 - mu_w) / (1.0 - momentum)
+    return lr_w, mu_w
+
+
 def phase_epochs(cfg: Config, phase: int, n_layers: int) -> float:
     """Length of `phase` in epochs (passes over the training set, all workers together)."""
     if phase < n_layers:

@@ -387,9 +387,12 @@ class ParameterServer:
         The phase is settled first, so a synchronous worker's next pull sees it.
         """
         st = self.state
+        averaging = self._averaging()  # before the header: it may end the phase
         self._follow_header()
+        applied = 0
         for p in pushes:
             if p.result == pr.APPLIED:
+                applied += 1
                 st.record_staleness(max(p.lo - p.pulled_version, 0))  # lo: version added to
                 st.applied_total += 1
                 plo, phi = self.layout.phase_range(p.phase)  # st.phase may have moved on
@@ -397,6 +400,8 @@ class ParameterServer:
                 st.last_apply = time.time()
                 st.first_apply = st.first_apply or st.last_apply
         self._ack_all(pushes, {p.worker: p.result for p in pushes})
+        if averaging and applied:  # the window as the workers' accumulates left it
+            self.average.observe(self.ps.params, applied)
 
     # -- evaluation and logging (rank 0) -----------------------------------
     def _record(
@@ -425,7 +430,7 @@ class ParameterServer:
                 self.ps.gather_params(self._flat)
                 live = self._flat.copy()
                 snap = self._eval_params(live)
-                other = live if snap is not live else None
+                other = live if snap is not live and self.cfg.ps.average_eval_live else None
                 self._eval = self._pool.submit(self._evaluate, snap, other)
                 self._eval_of = (entry, st.version, snap)
                 self._collect_eval(block=sync)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from conftest import write_config
 from jobctl import run_mpi_job
 
@@ -31,24 +32,30 @@ CFG = {
 }
 
 
-def test_evaluations_and_the_saved_model_use_the_average(tmp_path, job):
-    cfg = write_config(
-        tmp_path / "a.toml", {**CFG, "ps": {**CFG["ps"], "average_start_epoch": 1.0}}
-    )
+@pytest.mark.parametrize(("mode", "eval_live"), [("apply", True), ("accumulate", False)])
+def test_evaluations_and_the_saved_model_use_the_average(tmp_path, job, mode, eval_live):
+    """In accumulate mode the server samples the window the workers' accumulates wrote.
+    `average_eval_live = false` skips the live parameters' evaluation beside the average."""
+    ps = {**CFG["ps"], "average_start_epoch": 1.0, "mode": mode, "average_eval_live": eval_live}
+    cfg = write_config(tmp_path / "a.toml", {**CFG, "ps": ps})
     res = job(cfg, workers=2)
     assert res.rc == 0, res.output
     s = res.summary
     hist = [h for h in s["history"] if "validation_accuracy" in h]
     # before the start epoch the live parameters are evaluated (no average yet), after it
-    # the average, with the live parameters' accuracy beside it
+    # the average, with the live parameters' accuracy beside it when average_eval_live
     assert any(h["epoch"] < 1.0 and "live_validation_accuracy" not in h for h in hist)
     later = [h for h in hist if "live_validation_accuracy" in h]
-    assert len(later) >= 4 and all(h["epoch"] >= 1.0 for h in later)
+    if eval_live:
+        assert len(later) >= 4 and all(h["epoch"] >= 1.0 for h in later)
+        assert "(average; live " in res.output
+    else:
+        assert not later and "(average; live " not in res.output
     avg = s["average"]
     # 3 epochs of 25 updates each (2500 images / batch 100), a sample every 2
     assert avg["kind"] == "ema" and 30 <= avg["count"] <= 40, avg
     assert 0 < avg["live_eval_accuracy"] <= 1
-    assert "(average; live " in res.output and "parameter average (ema" in res.output
+    assert "parameter average (ema" in res.output
     assert s["saved"]["averaged"] and "best on validation averaged parameters" in res.output
     # the saved model is the one reported (the best evaluated average, on validation)
     _, params, _, _ = load_model(res.run_dir / "model.npz")

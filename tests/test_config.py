@@ -48,6 +48,8 @@ def test_load_toml(tmp_path: Path) -> None:
         ({"ps": {"staleness_lr": "half"}}, "[ps] staleness_lr"),
         ({"ps": {"staleness_lr": "compensate", "mode": "accumulate"}}, "[ps] staleness_lr"),
         ({"ps": {"split_batch": "maybe"}}, "[ps] split_batch"),
+        ({"ps": {"accumulate_momentum": "global"}}, "[ps] accumulate_momentum"),
+        ({"ps": {"average_eval_live": "no"}}, "[ps] average_eval_live"),
         ({"ps": {"split_batch": True, "mode": "accumulate"}}, "[ps] split_batch"),
         ({"finetune": {"lr": 0}}, "[finetune] lr"),
         ({"pretrain": {"lr": "fast"}}, "[pretrain] lr"),

@@ -10,6 +10,7 @@ from conftest import SMALL, assert_exact, exactness_case, run_job, write_config
 
 from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
+from dbnps.common.schedule import matched_to_server
 
 # A job that learns in seconds: 784-64 on 3000 images, 1 CD epoch, 6 fine-tuning epochs.
 LEARNS = {
@@ -21,14 +22,19 @@ LEARNS = {
 }
 
 
-def synthetic_cfg(tmp_path, max_steps: int = 20, **ps):
+def synthetic_cfg(tmp_path, max_steps: int = 20, momentum: float = 0.0, **ps):
     # Pretraining skipped: every push is a fine-tuning push over the whole vector.
     return write_config(
         tmp_path / "syn.toml",
         {
             **SMALL,
             "pretrain": {"epochs": 0.0},
-            "finetune": {"epochs": 1000.0, "lr": 0.1, "momentum_start": 0.0, "momentum_final": 0.0},
+            "finetune": {
+                "epochs": 1000.0,
+                "lr": 0.1,
+                "momentum_start": momentum,
+                "momentum_final": momentum,
+            },
             # Whole batches and plain SGD at any K (the default shares the batch from
             # K = 3): these jobs check what the transport conserves, not the rule.
             "ps": {"update_rule": "sgd", "split_batch": "off", **ps},
@@ -125,6 +131,29 @@ def test_nan_pushes_rejected_while_others_train(synthetic_job, mode):
     flat = final_params(res.run_dir)
     assert np.isfinite(flat).all()
     np.testing.assert_allclose(flat, expected_sgd(cfg_path, s, 0.001), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rule", ["matched", "local"])
+def test_accumulate_mode_workers_run_the_momentum_matched_to_the_servers(tmp_path, job, rule):
+    """2 workers push constant gradients (worker w: 0.001 (w + 1)) through their own
+    velocities; the accumulated sum is order-free, so the parameters are exact:
+    init - sum_w lr_w g_w sum_{j <= n_w} (1 - mu_w^j) / (1 - mu_w), with (lr_w, mu_w) =
+    matched_to_server(0.1, 0.5, 2) = (0.15, 0.25), or the config's (0.1, 0.5) when local."""
+    cfg_path = synthetic_cfg(
+        tmp_path, momentum=0.5, mode="accumulate", update_rule="momentum", accumulate_momentum=rule
+    )
+    res = job(cfg_path, workers=2, worker_args=("--inject-synthetic-grad", "0.001"))
+    assert res.rc == 0, res.output
+    lr_w, mu_w = matched_to_server(0.1, 0.5, 2) if rule == "matched" else (0.1, 0.5)
+    moved = sum(
+        lr_w * 0.001 * (w["worker"] + 1) * sum((1 - mu_w**j) / (1 - mu_w) for j in range(1, 21))
+        for w in res.summary["workers"]
+    )
+    assert [w["applied"] for w in res.summary["workers"]] == [20, 20]
+    init = load_initial(cfg_path).astype(np.float64)
+    np.testing.assert_allclose(final_params(res.run_dir), init - moved, rtol=0, atol=2e-5)
+    said = "[worker 0] accumulate mode, 2 workers: each runs momentum mu^2"
+    assert (said in res.output) == (rule == "matched"), res.output
 
 
 @pytest.mark.parametrize("mode", ["apply", "accumulate"])

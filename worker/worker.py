@@ -34,7 +34,7 @@ from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
 from dbnps.common.membership import live_shard, solo_worker
 from dbnps.common.protocol import MEMBERS, PHASE, SAMPLES, STATE_DONE, STATE_RUNNING, STOP
-from dbnps.common.schedule import hyper, phase_samples, solo_samples
+from dbnps.common.schedule import hyper, matched_to_server, phase_samples, solo_samples
 from dbnps.common.updaters import make_rule
 from dbnps.common.wakeup import tighten_timer_slack
 from dbnps.worker.cadence import Cadence
@@ -127,6 +127,8 @@ class Worker:
         self.n_train = len(y) if len(y) else (cfg.data.train_subset or 60000)
         self.me = topo.worker_index
         self.members = 0
+        self.live = topo.n_workers  # workers training now (our shard is 1 of them)
+        self._announce = self.me == 0  # log the matched accumulate rule at the next push
         self._steps = 0
         self.faults = faults or Faults()
         accumulate = cfg.ps.mode == "accumulate"  # we run the update rule ourselves
@@ -175,6 +177,9 @@ class Worker:
         part = live_shard(self.me, dead, self.topo.n_workers)
         if part is None:
             return False
+        if part[1] != self.live:  # a death: the first live worker says its rule again
+            self._announce = part[0] == 0
+        self.live = part[1]
         if self.faults.synthetic_grad is None:
             X, y = shard(self.X_all, self.y_all, *part)
             self.sampler = StepGradient(self.layout, self.cfg, X, y, self.rng)
@@ -392,10 +397,23 @@ class Worker:
         """`[ps] mode = "accumulate"`: run the update rule here, add its increment on the server.
 
         lr and momentum follow the schedule at the epoch of the last pull, as
-        the server's would at apply time.  `grad` is scratch afterwards.
+        the server's would at apply time, matched to the live workers
+        (`[ps] accumulate_momentum`).  `grad` is scratch afterwards.
         """
         L = self.layout.n_layers
         lr, mom = hyper(self.cfg, phase, L, samples / max(self.n_train, 1))
+        ps = self.cfg.ps
+        if ps.update_rule == "momentum" and ps.accumulate_momentum == "matched":
+            k = 1 if self._solo is not None else self.live  # a warm start trains alone
+            lr, mom = matched_to_server(lr, mom, k)
+            if self._announce and k > 1:
+                self._announce = False
+                print(
+                    f"[worker {self.me}] accumulate mode, {k} workers: each runs momentum "
+                    f"mu^{k} at lr (1 - mu^{k}) / (1 - mu), as the server's one velocity "
+                    f"(now {mom:.4g} at lr {lr:.4g})",
+                    flush=True,
+                )
         delta = self.rule.delta(grad[lo:hi], lr, mom, lo)
         self.client.accumulate(
             delta,

@@ -116,7 +116,6 @@ def test_anneal_takes_the_lr_linearly_to_zero_over_the_last_epochs():
     "ps, match",
     [
         ({"average": "swa"}, "average must be one of"),
-        ({"average": "ema", "mode": "accumulate"}, "needs mode"),
         ({"average_decay": 1.0}, "average_decay"),
         ({"average_every": 0}, "average_every"),
         ({"average_start_epoch": -1.0}, "average_start_epoch"),

@@ -22,7 +22,8 @@ from dbnps.common.protocol import (
     header_words,
     mark_dead,
 )
-from dbnps.common.schedule import PhaseSchedule, solo_samples
+from dbnps.common.schedule import PhaseSchedule, matched_to_server, solo_samples
+from dbnps.common.updaters import Momentum
 from dbnps.worker.cadence import Cadence
 
 
@@ -186,3 +187,47 @@ def test_negative_warm_start_is_refused_naming_the_key(key):
 
     with pytest.raises(ConfigError, match=f"ps\\] {key} must be >= 0"):
         from_dict({"ps": {key: -1.0}})
+
+
+def _displacements(k: int, lr: float, mu: float, grads: np.ndarray, match: bool) -> np.ndarray:
+    """Parameter after each global push: k workers in turn, each its own Momentum
+    rule (accumulate mode), with the schedule's (lr, mu) matched or as they are."""
+    lr_w, mu_w = matched_to_server(lr, mu, k) if match else (lr, mu)
+    rules = [Momentum(1) for _ in range(k)]
+    p, out = 0.0, []
+    for i, g in enumerate(grads):
+        p += float(rules[i % k].delta(np.array([g], np.float32), lr_w, mu_w)[0])
+        out.append(p)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 16])
+def test_matched_workers_move_the_parameters_as_the_servers_one_velocity(k):
+    """k workers in accumulate mode, each with its own velocity, against the server's one
+    (k = 1): one gradient's effect, summed over each stretch of k pushes, is the server's;
+    a constant gradient reaches the same speed.  Unmatched, the workers remember k times
+    longer: the gradient still moves the parameters after the server's would have stopped."""
+    lr, mu, n = 0.1, 0.9, 64 * k
+    impulse = np.zeros(n)
+    impulse[0] = 1.0
+    server = _displacements(1, lr, mu, impulse, match=True)
+    mine = _displacements(k, lr, mu, impulse, match=True)
+    ends = np.arange(k - 1, n, k)  # the last push of each stretch
+    np.testing.assert_allclose(mine[ends], server[ends], rtol=1e-4)
+    assert mine[-1] == pytest.approx(-lr / (1 - mu), rel=1e-3)
+    unmatched = _displacements(k, lr, mu, impulse, match=False)
+    at = round(2 / (1 - mu))  # two of the server's time constants: 88% of the effect in
+    assert abs(unmatched[at]) < 0.8 * abs(server[at])
+    const = np.ones(n)
+    speed = np.diff(_displacements(k, lr, mu, const, match=True))[-k:].mean()
+    assert speed == pytest.approx(-lr / (1 - mu), rel=1e-3)
+
+
+@pytest.mark.parametrize(("lr", "mu", "k"), [(0.1, 0.9, 1), (0.2, 0.0, 4), (0.3, 0.5, 1)])
+def test_matching_is_the_identity_for_one_worker_or_no_momentum(lr, mu, k):
+    assert matched_to_server(lr, mu, k) == pytest.approx((lr, mu))
+
+
+def test_matched_values_at_two_workers():
+    assert matched_to_server(0.1, 0.9, 2) == pytest.approx((0.19, 0.81))
+    assert matched_to_server(0.1, 0.5, 2) == pytest.approx((0.15, 0.25))
