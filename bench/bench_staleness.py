@@ -45,6 +45,9 @@ def study_config(
     from dbnps.common.config import from_dict, load, to_toml
 
     cfg = load(base)
+    # The rules are the server's (apply mode), measured on the live parameters: the
+    # speed config's accumulate mode and parameter average are not the study's (--set can).
+    cfg.ps.mode, cfg.ps.average = "apply", "none"
     if sets:
         d = cfg.to_dict()
         for kv in sets:

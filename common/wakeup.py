@@ -65,6 +65,21 @@ class Wakeup:
     seen: dict[str, int] = field(init=False)
     _backoff: float = field(init=False, default=0.0)
 
+    @classmethod
+    def for_records(cls, n_workers: int, progress_s: float = 0.0) -> Wakeup:
+        """Accumulate mode: a push is already in the parameters when the server sees its
+        record; only the worker's next push, a step later, waits for the record to be
+        counted.  So look every fifth of the period in the due window (0.2-2 ms, not
+        a hundredth of it) and sleep up to 10 ms when no push is forecast."""
+        return cls(
+            n_workers,
+            fine_s=2e-4,
+            max_fine_s=2e-3,
+            spacing_fraction=0.2,
+            max_sleep_s=1e-2,
+            progress_s=progress_s,
+        )
+
     def __post_init__(self) -> None:
         K = self.n_workers
         self.last = [None] * K

@@ -494,7 +494,8 @@ class ParameterServer:
         tighten_timer_slack()  # a 50 us sleep is 50 us, not 100
         # Across hosts the workers' RMA moves only while this loop is in MPI: poll.
         progress = 0.0 if self.topo.one_node else PROGRESS_S
-        wake = self.wakeup = Wakeup(self.topo.n_workers, progress_s=progress)
+        make = Wakeup.for_records if self.accumulate else Wakeup
+        wake = self.wakeup = make(self.topo.n_workers, progress_s=progress)
         st.forecast = wake.seen
         cpu_start, last_tick = time.thread_time(), 0.0
         while True:

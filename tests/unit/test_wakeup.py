@@ -118,3 +118,28 @@ def test_an_erratic_worker_costs_a_few_looks_per_window_not_dozens():
     window = 2 * w.jitter_factor * w.jitter[0]
     assert w.spacing(0) == pytest.approx(window / 6)
     assert w.spacing(0) > w.spacing_fraction * w.period[0]  # wider than period / 100
+
+
+def _looks_and_lateness(w: Wakeup, period: float, pushes: int) -> tuple[float, float]:
+    """Drive the server loop's looks against one worker that pushes every `period`:
+    (looks per push, the worst time a push waited to be seen), after a warm-up."""
+    t, arrivals, looks, worst = 0.0, [period * (i + 1) for i in range(pushes)], 0, 0.0
+    nxt = 0
+    while nxt < len(arrivals):
+        looks += 1
+        if arrivals[nxt] <= t:
+            if nxt >= 10:
+                worst = max(worst, t - arrivals[nxt])
+            w.pushed(0, t)
+            nxt += 1
+            continue
+        t += w.delay(t)
+    return looks / pushes, worst
+
+
+def test_accumulate_mode_looks_a_few_times_per_step_not_a_hundred():
+    """A record only has to be counted before the worker's next push, a step later."""
+    per_push, late = _looks_and_lateness(Wakeup.for_records(1), 0.015, 200)
+    apply_per_push, apply_late = _looks_and_lateness(Wakeup(1), 0.015, 200)
+    assert late <= 2.5e-3 < 0.015  # counted long before the next push
+    assert per_push < 0.75 * apply_per_push and apply_late < late
