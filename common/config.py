@@ -68,6 +68,9 @@ class FinetuneConfig:
     # The last anneal_epochs of fine-tuning: the lr (after lr_decay) falls linearly
     # to 0 at the end of the phase. 0: off.
     anneal_epochs: float = 0.0
+    # Each fine-tuning image is moved by a random (dy, dx) in [-shift_pixels,
+    # shift_pixels]^2 pixels, zero fill (common/augment.py). 0: off.
+    shift_pixels: int = 0
 
 
 @dataclass
@@ -300,6 +303,10 @@ def validate(cfg: Config) -> None:
     )
     _check(f.warmup_epochs >= 0, f"[finetune] warmup_epochs must be >= 0, got {f.warmup_epochs}")
     _check(f.max_norm >= 0, f"[finetune] max_norm must be >= 0 (0: off), got {f.max_norm}")
+    _check(
+        0 <= f.shift_pixels < 28,
+        f"[finetune] shift_pixels must be in [0, 28) (28 x 28 images), got {f.shift_pixels}",
+    )
     _check(
         0 <= f.anneal_epochs <= f.epochs,
         f"[finetune] anneal_epochs must be in [0, epochs], got {f.anneal_epochs}",

@@ -24,8 +24,11 @@ differently for 1 and 2 threads, so results then differ in the last bits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from dbnps.common.augment import Shifter
 from dbnps.common.config import Config
 from dbnps.common.dbn import BackpropWorkspace, backprop_gradient, propagate
 from dbnps.common.layout import Layout, Params
@@ -64,6 +67,7 @@ class StepGradient:
         self._perm: np.ndarray | None = None
         self._pos = 0
         self._ws: RBMWorkspace | BackpropWorkspace | None = None
+        self._shift: Shifter | None = None  # [finetune] shift_pixels
 
     @property
     def n(self) -> int:
@@ -97,6 +101,9 @@ class StepGradient:
             self._data = self.X
             self._ws = BackpropWorkspace(self.layout.sizes, self.layout.n_classes, self.batch)
             self._ybatch = np.empty(self.batch, dtype=self.y.dtype)
+            s = self.cfg.finetune.shift_pixels
+            side = math.isqrt(self.layout.sizes[0])
+            self._shift = Shifter(self.batch, side, s) if s else None
 
     def _next_indices(self) -> np.ndarray:
         if self._perm is None or self._pos + self.batch > self.n:
@@ -140,6 +147,8 @@ class StepGradient:
         ws = self._ws
         np.take(self._data, idx, axis=0, out=ws.x)
         np.take(self.y, idx, out=self._ybatch)
+        if self._shift is not None:
+            self._shift(ws.x, self.rng)
         fc = self.cfg.finetune
         loss = backprop_gradient(
             params,
