@@ -83,8 +83,10 @@ def peer_train(cfg, target: float, threads: int) -> dict:
         )
     if cfg.ps.average not in ("none", "ema"):
         raise SystemExit(f"the peer implements [ps] average = none or ema, not {cfg.ps.average}")
-    if cfg.finetune.anneal_epochs or cfg.finetune.max_norm:
-        raise SystemExit("the peer does not implement [finetune] anneal_epochs or max_norm")
+    if cfg.finetune.anneal_epochs or cfg.finetune.max_norm or cfg.finetune.shift_pixels:
+        raise SystemExit(
+            "the peer does not implement [finetune] anneal_epochs, max_norm or shift_pixels"
+        )
     data = load_data(cfg)
     layout = layout_of(cfg)
     L = layout.n_layers
