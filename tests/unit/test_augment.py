@@ -40,3 +40,32 @@ def test_a_shorter_last_batch_and_reuse_of_the_buffers():
 def test_bad_shift_settings_are_refused(shift):
     with pytest.raises(ConfigError, match="shift_pixels"):
         from_dict({"finetune": {"shift_pixels": shift}})
+
+
+def test_fine_tuning_steps_see_shifted_images_and_leave_the_data_alone():
+    """StepGradient with shift_pixels: the batch it trains on is a translation of the
+    data rows it drew (same pixel mass for digits away from the border); X is unchanged."""
+    from dbnps.common.dbn import init_params
+    from dbnps.common.layout import Layout
+    from dbnps.common.steps import StepGradient
+
+    rng = np.random.default_rng(0)
+    X = np.zeros((40, 784), np.float32)
+    X.reshape(40, 28, 28)[:, 10:18, 10:18] = rng.random((40, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 10, 40)
+    cfg = from_dict({"model": {"sizes": [784, 16]}, "finetune": {"shift_pixels": 1}})
+    layout = Layout([784, 16])
+    p, g = init_params(layout, rng, X), layout.zeros()
+    sg = StepGradient(layout, cfg, X, y, np.random.default_rng(1))
+    sg.begin_phase(layout.finetune_phase, p)
+    X0 = X.copy()
+    moved = 0
+    for _ in range(sg.steps_per_pass()):
+        sg.step(p, g, epoch=0.0)
+        assert np.isfinite(g.flat).all()
+        batch = sg._ws.x.reshape(-1, 28, 28)
+        drawn = X[sg._perm[sg._pos - sg.batch : sg._pos]].reshape(-1, 28, 28)
+        np.testing.assert_allclose(batch.sum(axis=(1, 2)), drawn.sum(axis=(1, 2)), rtol=1e-5)
+        moved += int((batch != drawn).any(axis=(1, 2)).sum())
+    np.testing.assert_array_equal(X, X0)
+    assert moved > 20  # 8 of 9 shifts move the image
