@@ -39,13 +39,13 @@ def matched_to_server(lr: float, momentum: float, k: int) -> tuple[float, float]
 
     A gradient's effect, summed over each stretch of k pushes, is then the
     server's exactly, and its whole effect lr / (1 - mu) the same.  The
-    identity at k = 1; at mu = 0 (plain SGD) too.  The same rule as a
-    server push that carries 1/k of a shared batch (`server.handle`).
+    identity at k = 1; at mu = 0 (plain SGD) too.  The server weighs a push
+    worth 1/k of a shared batch by the same rule with exponent 1/k
+    (`server.handle`).  momentum < 1 (the config's bound).
     """
     k = max(int(k), 1)
     mu_w = momentum**k
-    lr_w = lr * k if momentum == 1.0 else lr * (1.0 - mu_w) / (1.0 - momentum)
-    return lr_w, mu_w
+    return lr * (1.0 - mu_w) / (1.0 - momentum), mu_w
 
 
 def phase_epochs(cfg: Config, phase: int, n_layers: int) -> float:
