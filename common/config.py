@@ -82,7 +82,7 @@ class PSConfig:
     mode: str = "apply"
     # Accumulate mode with the momentum rule: "matched" sets each worker's own lr and
     # momentum so that the K workers' velocities together act as the server's one
-    # (common.schedule.matched_to_server); "local": the schedule's values as they are.
+    # (common.schedule.fractional_step with w = K); "local": the schedule's values as they are.
     accumulate_momentum: str = "matched"
     n_fetch: int = 1  # pull every n_fetch steps
     n_push: int = 1  # push the sum of n_push gradients

@@ -25,27 +25,25 @@ def hyper(cfg: Config, phase: int, n_layers: int, epoch: float) -> tuple[float, 
     return lr, momentum
 
 
-def matched_to_server(lr: float, momentum: float, k: int) -> tuple[float, float]:
-    """(lr, momentum) for each of `k` workers that run their own momentum
-    (`[ps] mode = "accumulate"`) so that together they move the parameters as
-    the server's single velocity does in apply mode.
+def fractional_step(lr: float, momentum: float, w: float) -> tuple[float, float]:
+    """(lr, momentum) that make an update worth `w` steps of momentum SGD.
 
-    The server's velocity decays by mu at every push, whoever sends it; a
-    worker's velocity only at its own pushes, one in every k.  So a worker
-    decays by mu^k per push of its own, and carries what the server would
-    have spread over the k pushes of that stretch:
+    A push over n = w * batch samples (w < 1 when K workers share the batch,
+    `[ps] split_batch`) is a fraction of a step: the velocity decays by
+    mu^w, so that 1/w such updates forget as much as one step, and the lr is
+    lr (1 - mu^w) / (1 - mu), so that the steady step for a gradient weighted
+    by w, lr' w g / (1 - mu^w), is w times the step's lr g / (1 - mu): the
+    same progress per sample as one worker taking whole steps.  w = 1 gives
+    (lr, mu) back; mu = 0 gives (lr, 0).
 
-        mu_w = mu^k          lr_w = lr (1 - mu^k) / (1 - mu)
-
-    A gradient's effect, summed over each stretch of k pushes, is then the
-    server's exactly, and its whole effect lr / (1 - mu) the same.  The
-    identity at k = 1; at mu = 0 (plain SGD) too.  The server weighs a push
-    worth 1/k of a shared batch by the same rule with exponent 1/k
-    (`server.handle`).  momentum < 1 (the config's bound).
+    w = K > 1 is `[ps] mode = "accumulate"` with `accumulate_momentum =
+    "matched"`: each of K workers keeps its own velocity, which decays only at
+    its own pushes, one in every K, so each push of its own stands for K of
+    the server's.  A gradient's effect, summed over each stretch of K pushes,
+    is then the server's single velocity's exactly.
     """
-    k = max(int(k), 1)
-    mu_w = momentum**k
-    return lr * (1.0 - mu_w) / (1.0 - momentum), mu_w
+    decay = momentum**w
+    return lr * (1.0 - decay) / (1.0 - momentum) if momentum > 0 else lr, decay
 
 
 def phase_epochs(cfg: Config, phase: int, n_layers: int) -> float:

@@ -47,6 +47,7 @@ from dbnps.common.protocol import (
     VERSION,
     Push,
 )
+from dbnps.common.schedule import fractional_step
 
 
 @dataclass
@@ -101,21 +102,6 @@ def compensate(lr: float, momentum: float, k_eff: float) -> tuple[float, float]:
     if mu >= 0.0:
         return lr, mu
     return lr / (k_eff * (1.0 - momentum)), 0.0
-
-
-def fractional_step(lr: float, momentum: float, w: float) -> tuple[float, float]:
-    """(lr, momentum) that make an update worth `w` steps of momentum SGD.
-
-    A push over n = w * batch samples (w < 1 when K workers share the batch,
-    `[ps] split_batch`) is a fraction of a step: the velocity decays by
-    mu^w, so that 1/w such updates forget as much as one step, and the lr is
-    lr (1 - mu^w) / (1 - mu), so that the steady step for a gradient weighted
-    by w, lr' w g / (1 - mu^w), is w times the step's lr g / (1 - mu): the
-    same progress per sample as one worker taking whole steps.  w = 1 gives
-    (lr, mu) back; mu = 0 gives (lr, 0).
-    """
-    decay = momentum**w
-    return lr * (1.0 - decay) / (1.0 - momentum) if momentum > 0 else lr, decay
 
 
 class Aggregate:

@@ -10,7 +10,7 @@ from conftest import SMALL, assert_exact, exactness_case, run_job, write_config
 
 from dbnps.common.config import load
 from dbnps.common.job import initial_params, layout_of, load_data
-from dbnps.common.schedule import matched_to_server
+from dbnps.common.schedule import fractional_step
 
 # A job that learns in seconds: 784-64 on 3000 images, 1 CD epoch, 6 fine-tuning epochs.
 LEARNS = {
@@ -138,13 +138,13 @@ def test_accumulate_mode_workers_run_the_momentum_matched_to_the_servers(tmp_pat
     """2 workers push constant gradients (worker w: 0.001 (w + 1)) through their own
     velocities; the accumulated sum is order-free, so the parameters are exact:
     init - sum_w lr_w g_w sum_{j <= n_w} (1 - mu_w^j) / (1 - mu_w), with (lr_w, mu_w) =
-    matched_to_server(0.1, 0.5, 2) = (0.15, 0.25), or the config's (0.1, 0.5) when local."""
+    fractional_step(0.1, 0.5, 2) = (0.15, 0.25), or the config's (0.1, 0.5) when local."""
     cfg_path = synthetic_cfg(
         tmp_path, momentum=0.5, mode="accumulate", update_rule="momentum", accumulate_momentum=rule
     )
     res = job(cfg_path, workers=2, worker_args=("--inject-synthetic-grad", "0.001"))
     assert res.rc == 0, res.output
-    lr_w, mu_w = matched_to_server(0.1, 0.5, 2) if rule == "matched" else (0.1, 0.5)
+    lr_w, mu_w = fractional_step(0.1, 0.5, 2) if rule == "matched" else (0.1, 0.5)
     moved = sum(
         lr_w * 0.001 * (w["worker"] + 1) * sum((1 - mu_w**j) / (1 - mu_w) for j in range(1, 21))
         for w in res.summary["workers"]

@@ -34,7 +34,7 @@ from dbnps.common.job import step_rng
 from dbnps.common.layout import Layout
 from dbnps.common.membership import live_shard, solo_worker
 from dbnps.common.protocol import MEMBERS, PHASE, SAMPLES, STATE_DONE, STATE_RUNNING, STOP
-from dbnps.common.schedule import hyper, matched_to_server, phase_samples, solo_samples
+from dbnps.common.schedule import fractional_step, hyper, phase_samples, solo_samples
 from dbnps.common.updaters import make_rule
 from dbnps.common.wakeup import tighten_timer_slack
 from dbnps.worker.cadence import Cadence
@@ -405,7 +405,7 @@ class Worker:
         ps = self.cfg.ps
         if ps.update_rule == "momentum" and ps.accumulate_momentum == "matched":
             k = 1 if self._solo is not None else self.live  # a warm start trains alone
-            lr, mom = matched_to_server(lr, mom, k)
+            lr, mom = fractional_step(lr, mom, k)
             if self._announce and k > 1:
                 self._announce = False
                 print(

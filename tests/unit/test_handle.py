@@ -18,8 +18,9 @@ from dbnps.common.protocol import (
     VERSION,
     Push,
 )
+from dbnps.common.schedule import fractional_step
 from dbnps.common.updaters import make_rule
-from dbnps.server.handle import Aggregate, Shard, compensate, fractional_step
+from dbnps.server.handle import Aggregate, Shard, compensate
 
 N = 6
 

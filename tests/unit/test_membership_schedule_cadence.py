@@ -22,7 +22,7 @@ from dbnps.common.protocol import (
     header_words,
     mark_dead,
 )
-from dbnps.common.schedule import PhaseSchedule, matched_to_server, solo_samples
+from dbnps.common.schedule import PhaseSchedule, fractional_step, solo_samples
 from dbnps.common.updaters import Momentum
 from dbnps.worker.cadence import Cadence
 
@@ -192,7 +192,7 @@ def test_negative_warm_start_is_refused_naming_the_key(key):
 def _displacements(k: int, lr: float, mu: float, grads: np.ndarray, match: bool) -> np.ndarray:
     """Parameter after each global push: k workers in turn, each its own Momentum
     rule (accumulate mode), with the schedule's (lr, mu) matched or as they are."""
-    lr_w, mu_w = matched_to_server(lr, mu, k) if match else (lr, mu)
+    lr_w, mu_w = fractional_step(lr, mu, k) if match else (lr, mu)
     rules = [Momentum(1) for _ in range(k)]
     p, out = 0.0, []
     for i, g in enumerate(grads):
@@ -225,9 +225,9 @@ def test_matched_workers_move_the_parameters_as_the_servers_one_velocity(k):
 
 @pytest.mark.parametrize(("lr", "mu", "k"), [(0.1, 0.9, 1), (0.2, 0.0, 4), (0.3, 0.5, 1)])
 def test_matching_is_the_identity_for_one_worker_or_no_momentum(lr, mu, k):
-    assert matched_to_server(lr, mu, k) == pytest.approx((lr, mu))
+    assert fractional_step(lr, mu, k) == pytest.approx((lr, mu))
 
 
 def test_matched_values_at_two_workers():
-    assert matched_to_server(0.1, 0.9, 2) == pytest.approx((0.19, 0.81))
-    assert matched_to_server(0.1, 0.5, 2) == pytest.approx((0.15, 0.25))
+    assert fractional_step(0.1, 0.9, 2) == pytest.approx((0.19, 0.81))
+    assert fractional_step(0.1, 0.5, 2) == pytest.approx((0.15, 0.25))
